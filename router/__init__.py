@@ -1,0 +1,1 @@
+"""Query Router: the library the BentoML service wires together."""

@@ -1,0 +1,175 @@
+"""The HTTP contract: request/response models, the JSON error shape, and the body-size limit.
+
+Errors always look like `{"error": {"code": 400|413|415|422|..., "status": "INVALID_ARGUMENT", "message": "..."}}`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "INVALID_ARGUMENT",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+
+class ApiError(Exception):
+    """An error with an HTTP status that the handlers below turn into the JSON error shape."""
+
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "status": STATUS_NAMES.get(code, "UNKNOWN"), "message": message}}
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def check_text(text: str, max_chars: int) -> str:
+    """Trimmed text of 1..max_chars characters that encodes as UTF-8 (no lone surrogates)."""
+    trimmed = text.strip()
+    if not trimmed:
+        raise ValueError("text must not be empty or whitespace only")
+    if len(trimmed) > max_chars:
+        raise ValueError(f"text has {len(trimmed)} characters after trimming; the limit is {max_chars}")
+    try:
+        trimmed.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from exc
+    return trimmed
+
+
+def request_models(max_chars: int, max_texts: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request models bound to the configured limits (so the OpenAPI schema shows the real ones)."""
+    Text = Annotated[
+        str, Field(min_length=1, max_length=max_chars * 4), AfterValidator(lambda t: check_text(t, max_chars))
+    ]
+
+    class ClassifyRequest(BaseModel):
+        text: Text = Field(description=f"The query: 1..{max_chars} characters after trimming.")
+        request_id: Annotated[str, Field(max_length=128)] | None = Field(None, description="Echoed back.")
+
+    class ClassifyBatchRequest(BaseModel):
+        texts: list[Text] = Field(min_length=1, max_length=max_texts, description=f"1..{max_texts} queries.")
+
+    return ClassifyRequest, ClassifyBatchRequest
+
+
+class Classification(BaseModel):
+    label: str = Field(description='Routed label: "0" fast path, "1" slow path.')
+    confidence: float = Field(ge=0.0, le=1.0, description="Softmax probability of the model's own top label.")
+    request_id: str | None = Field(None, description="The request's request_id, when it had one.")
+
+
+class ClassificationBatch(BaseModel):
+    results: list[Classification]
+
+
+async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "request body is not valid JSON")
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return error_response(422, "; ".join(parts))
+
+
+async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.code, exc.message, headers=exc.headers)
+
+
+def require_json(request: Request) -> None:
+    """POST routes take JSON only: anything else is a 415 before the body is parsed."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "Content-Type must be application/json")
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over `max_bytes` get a 413 before they are read whole (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await error_response(413, f"request body is larger than {self.max_bytes} bytes")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, f"request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestObserver:
+    """ASGI middleware: `x-router-latency` (server-side ms) on every response, plus request count and latency metrics.
+
+    Paths outside `routes` are counted as "other" so clients cannot grow the metric's label set.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Any, routes: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = 500
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                elapsed_ms = (time.perf_counter() - start) * 1000
+                message["headers"] = [*message.get("headers", []), (b"x-router-latency", f"{elapsed_ms:.2f}".encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)

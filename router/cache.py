@@ -1,0 +1,193 @@
+"""Two-level prediction cache (L1 in-process, L2 Redis) and single-flight for identical concurrent misses.
+
+It stores the model's raw prediction, never the routed label, so a new CONFIDENCE_THRESHOLD applies at once. Keys
+come from `router.text.cache_key` (model identity + text hash). Redis is optional and never fails a request: every
+command has a millisecond timeout, and after a failure a breaker skips Redis for a back-off that doubles up to a
+minute, then lets a single request probe it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from cachetools import TTLCache
+
+from router.metrics import RouterMetrics
+from router.routing import Prediction
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Breaker:
+    """Circuit breaker for Redis: closed → open (back-off) → one probe → closed or open for longer."""
+
+    def __init__(self, first_backoff_sec: float, max_backoff_sec: float = 60.0) -> None:
+        self.first_backoff = first_backoff_sec
+        self.max_backoff = max_backoff_sec
+        self.backoff = first_backoff_sec
+        self.open_until = 0.0
+        self.failed = False
+        self.probing = False
+
+    def allow(self) -> bool:
+        if not self.failed:
+            return True
+        if self.probing or time.monotonic() < self.open_until:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        self.failed = self.probing = False
+        self.backoff = self.first_backoff
+
+    def failure(self) -> None:
+        if self.failed and not self.probing:
+            return  # a command that started before the breaker opened; the back-off is already running
+        self.open_until = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, self.max_backoff)
+        self.failed, self.probing = True, False
+
+
+class TwoLevelCache:
+    """L1 `cachetools.TTLCache` in front of an optional `redis.asyncio` client."""
+
+    def __init__(
+        self,
+        metrics: RouterMetrics,
+        l1_size: int,
+        l1_ttl_sec: float,
+        redis: Any | None = None,
+        l2_ttl_sec: int = 3600,
+        key_prefix: str = "qr:",
+        timeout_sec: float = 0.05,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.l1: TTLCache[str, Prediction] | None = TTLCache(l1_size, l1_ttl_sec) if l1_size > 0 else None
+        self.redis = redis
+        self.l2_ttl_sec = l2_ttl_sec
+        self.key_prefix = key_prefix
+        self.timeout_sec = timeout_sec
+        self.breaker = breaker or Breaker(5.0)
+        metrics.redis_up.set(1 if redis is not None else 0)
+
+    def get_l1(self, key: str) -> Prediction | None:
+        """The in-process entry, if any (no I/O: called on every request before anything else)."""
+        if self.l1 is None:
+            return None
+        hit = self.l1.get(key)
+        if hit is None:
+            self.metrics.cache_misses.labels("l1").inc()
+        else:
+            self.metrics.cache_hits.labels("l1").inc()
+        return hit
+
+    async def get_l2(self, key: str) -> Prediction | None:
+        """The Redis entry, if any; a hit fills L1. None when L2 is off, down or misses."""
+        if self.redis is None:
+            return None
+        raw = await self._redis_call("get", self.key_prefix + key)
+        if raw is None:
+            self.metrics.cache_misses.labels("l2").inc()
+            return None
+        label, confidence = json.loads(raw)
+        prediction = Prediction(str(label), float(confidence))
+        self.metrics.cache_hits.labels("l2").inc()
+        if self.l1 is not None:
+            self.l1[key] = prediction
+        return prediction
+
+    async def get(self, key: str) -> Prediction | None:
+        """L1, then L2; None on a miss of both."""
+        return self.get_l1(key) or await self.get_l2(key)
+
+    async def put(self, key: str, prediction: Prediction) -> None:
+        if self.l1 is not None:
+            self.l1[key] = prediction
+        value = json.dumps([prediction.label, prediction.confidence])
+        await self._redis_call("set", self.key_prefix + key, value, ex=self.l2_ttl_sec)
+
+    async def redis_reachable(self) -> bool | None:
+        """PING through the breaker-free path (for /health/deep); None when L2 is not configured."""
+        if self.redis is None:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout_sec * 4):
+                return bool(await self.redis.ping())
+        except Exception:
+            return False
+
+    async def _redis_call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        if self.redis is None or not self.breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout_sec):
+                result = await getattr(self.redis, operation)(*args, **kwargs)
+        except Exception as exc:  # timeouts, refused connections, server errors: all mean "skip L2 for now"
+            self.metrics.redis_errors.labels(operation).inc()
+            if not self.breaker.failed or self.breaker.probing:
+                log.warning(
+                    "redis %s failed (%s: %s); L2 bypassed for %.0f s",
+                    operation,
+                    type(exc).__name__,
+                    exc,
+                    self.breaker.backoff,
+                )
+            self.breaker.failure()
+            self.metrics.redis_up.set(0)
+            return None
+        if self.breaker.failed:
+            log.info("redis is back; L2 cache enabled again")
+        self.breaker.success()
+        self.metrics.redis_up.set(1)
+        return result
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def connect_redis(url: str, timeout_sec: float) -> Any:
+    """A redis.asyncio client that fails fast: short socket timeouts and no client-side retries."""
+    from redis.asyncio import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_sec,
+        socket_connect_timeout=timeout_sec,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+class SingleFlight:
+    """Identical concurrent misses share one computation.
+
+    The computation runs as its own task, so a caller that goes away (client disconnect) neither cancels it for the
+    others nor leaves it half done: it finishes once and fills the cache.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[str, asyncio.Task[Any]] = {}
+
+    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        task = self.running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            self.running[key] = task
+            task.add_done_callback(lambda done: self._finish(key, done))
+        return await asyncio.shield(task)
+
+    def _finish(self, key: str, task: asyncio.Task[Any]) -> None:
+        self.running.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # mark as retrieved: each waiter re-raises it itself

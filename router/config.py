@@ -1,0 +1,69 @@
+"""Every setting of the router, read once from the environment.
+
+One class, one place: each field is an environment variable of the same name in upper case. Invalid values fail
+at start with pydantic's message, which names the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Router configuration (environment variables, case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- model ---
+    model_path: str | None = Field(
+        None, description="Local Hugging Face model folder; used first when it holds a model."
+    )
+    hf_model_id: str | None = Field(
+        None, description="Hub repo id downloaded with snapshot_download when MODEL_PATH is unset."
+    )
+    hf_model_revision: str | None = Field(None, description="Hub revision (commit sha or tag) to pin in production.")
+    model_device: Literal["cpu", "cuda", "mps"] = Field("cpu", description="Device the model runs on.")
+    model_backend: Literal["torch"] = Field("torch", description="Inference backend.")
+    max_length: int = Field(256, ge=8, le=512, description="Token limit per text; longer inputs are truncated.")
+    torch_threads: int = Field(0, ge=0, le=64, description="torch intra-op threads; 0 = one per CPU core.")
+
+    # --- batching (BentoML adaptive batching of the model call) ---
+    max_batch_size: int = Field(64, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass.")
+    max_latency_ms: int = Field(200, ge=1, le=60000, description="Latency budget BentoML's batcher keeps per request.")
+
+    # --- API ---
+    max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters, after trimming).")
+    max_batch_texts: int = Field(64, ge=1, le=1024, description="Most texts one call of the batch route takes.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest accepted request body.")
+
+    # --- cache ---
+    cache_l1_size: int = Field(10000, ge=0, description="Entries in the in-process L1 cache; 0 disables it.")
+    cache_l1_ttl_sec: float = Field(300, gt=0, description="L1 entry lifetime.")
+    redis_url: str | None = Field(None, description="Redis URL for the shared L2 cache; unset disables L2.")
+    cache_l2_ttl_sec: int = Field(3600, gt=0, description="L2 (Redis) entry lifetime.")
+    redis_timeout_ms: int = Field(50, ge=1, le=10000, description="Per-command Redis timeout; L2 is skipped past it.")
+    redis_retry_sec: float = Field(5.0, gt=0, description="First back-off after a Redis failure (doubles, max 60 s).")
+    redis_key_prefix: str = Field("qr:", description="Prefix of every Redis key (namespaces deployments and tests).")
+
+    # --- routing ---
+    confidence_threshold: float = Field(0.7, ge=0.0, le=1.0, description="Fast-path answers below this go slow.")
+    fast_label: str = Field("0", description="Label of the fast path in the model's id2label.")
+    slow_label: str = Field("1", description="Label of the slow path in the model's id2label.")
+
+    # --- logging ---
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["json", "console"] = Field("console", description="Log line format.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _labels_differ(self) -> Settings:
+        if self.fast_label == self.slow_label:
+            raise ValueError("FAST_LABEL and SLOW_LABEL must differ")
+        return self

@@ -1,0 +1,251 @@
+"""Query Router: the BentoML service. Wiring only; the work is done in `router/`.
+
+One service, one process per worker: the HTTP routes (FastAPI, mounted on BentoML's app) call the batchable
+`predict` method through BentoML's in-process proxy of this same service, so concurrent requests meet in BentoML's
+adaptive batcher without a second process or a network hop. README § Architecture says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import bentoml
+from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from router.api import (
+    ApiError,
+    BodyLimit,
+    Classification,
+    ClassificationBatch,
+    RequestObserver,
+    api_error,
+    check_text,
+    http_error,
+    request_models,
+    require_json,
+    validation_error,
+)
+from router.cache import Breaker, SingleFlight, TwoLevelCache, connect_redis
+from router.config import Settings
+from router.inference import Classifier
+from router.logs import configure_logging
+from router.metrics import RouterMetrics
+from router.model import ModelSource, resolve_model
+from router.routing import Prediction, route
+from router.text import cache_key, normalize
+
+log = logging.getLogger("service")
+
+# Read at import: BentoML takes the batching parameters when the class below is defined.
+settings = Settings()
+ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, settings.max_batch_texts)
+ROUTES = frozenset({"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep"})
+
+http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+http.add_exception_handler(RequestValidationError, validation_error)
+http.add_exception_handler(HTTPException, http_error)
+http.add_exception_handler(ApiError, api_error)
+http.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them
+http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
+
+
+@bentoml.service(name="query_router", workers=1, threads=1, traffic={"timeout": 30})
+@bentoml.asgi_app(http, path="/")
+class QueryRouter:
+    def __init__(self) -> None:
+        configure_logging(settings)
+        self.settings = settings
+        self.metrics = metrics
+        redis = connect_redis(settings.redis_url, settings.redis_timeout_ms / 1000) if settings.redis_url else None
+        self.cache = TwoLevelCache(
+            self.metrics,
+            l1_size=settings.cache_l1_size,
+            l1_ttl_sec=settings.cache_l1_ttl_sec,
+            redis=redis,
+            l2_ttl_sec=settings.cache_l2_ttl_sec,
+            key_prefix=settings.redis_key_prefix,
+            timeout_sec=settings.redis_timeout_ms / 1000,
+            breaker=Breaker(settings.redis_retry_sec),
+        )
+        self.flights = SingleFlight()
+        self.source: ModelSource | None = None
+        self.classifier: Classifier | None = None
+        self.load_error: str | None = None
+        self.metrics.model_ready.set(0)
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    @bentoml.on_startup
+    async def start_loading(self) -> None:
+        """Load in the background so /health/live answers (and /health/ready says 503) while the model loads."""
+        self.loading = asyncio.create_task(asyncio.to_thread(self._load))
+
+    def _load(self) -> None:
+        try:
+            self.source = resolve_model(self.settings)
+            classifier = Classifier.load(self.source, self.settings)
+            classifier.warm_up()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model NOT loaded, service stays not ready: %s", self.load_error)
+            return
+        self.classifier = classifier
+        self.metrics.model_ready.set(1)
+        src = self.source
+        self.metrics.model_info.labels(src.origin, src.name, classifier.identity, str(src.trained).lower()).set(1)
+        log.info(
+            "model ready: source=%s name=%s revision=%s identity=%s device=%s trained=%s labels=%s",
+            src.origin,
+            src.name,
+            src.revision,
+            classifier.identity,
+            self.settings.model_device,
+            src.trained,
+            classifier.labels,
+        )
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        await self.cache.close()
+
+    def __is_ready__(self) -> bool:
+        return self.classifier is not None
+
+    # --- the model, batched by BentoML ---------------------------------------------------------------------------
+
+    @bentoml.api(
+        route="/internal/predict",
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Raw model predictions (no cache, no routing) for already normalized texts."""
+        if self.classifier is None:
+            raise bentoml.exceptions.ServiceUnavailable("model not ready")
+        with self.metrics.inference_duration.time():
+            predictions = self.classifier.predict(texts)
+        self.metrics.batch_size.observe(len(texts))
+        return [{"label": p.label, "confidence": p.confidence} for p in predictions]
+
+    # --- the answer for one text: L1 → (single-flight: L2 → model) → routing -----------------------------------
+
+    async def answer(self, text: str) -> Classification:
+        if self.classifier is None:
+            raise ApiError(503, "model not ready", headers={"Retry-After": "5"})
+        normalized = normalize(text)
+        key = cache_key(self.classifier.identity, normalized)
+        prediction = self.cache.get_l1(key)
+        if prediction is None:
+            prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
+        routed = route(
+            prediction, self.settings.confidence_threshold, self.settings.fast_label, self.settings.slow_label
+        )
+        self.metrics.decisions.labels(prediction.label, routed).inc()
+        self.metrics.confidence.observe(prediction.confidence)
+        return Classification(label=routed, confidence=round(prediction.confidence, 6))
+
+    async def _fetch(self, key: str, normalized: str) -> Prediction:
+        cached = await self.cache.get_l2(key)
+        if cached is not None:
+            return cached
+        try:
+            [raw] = await self.to_async.predict(texts=[normalized])  # type: ignore[attr-defined]
+        except bentoml.exceptions.BentoMLException as exc:
+            if exc.error_code == 503:
+                raise ApiError(503, "overloaded: the model queue is full, retry shortly", {"Retry-After": "1"}) from exc
+            log.error("inference failed: %s", exc)
+            raise ApiError(500, "inference failed") from exc
+        prediction = Prediction(str(raw["label"]), float(raw["confidence"]))
+        await self.cache.put(key, prediction)
+        return prediction
+
+    # --- HTTP API -------------------------------------------------------------------------------------------------
+
+    @http.post(
+        "/v1/query-classify",
+        response_model=Classification,
+        response_model_exclude_none=True,
+        dependencies=[Depends(require_json)],
+    )
+    async def query_classify(self, body: ClassifyRequest) -> Classification:  # type: ignore[valid-type]
+        """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
+        result = await self.answer(body.text)  # type: ignore[attr-defined]
+        result.request_id = body.request_id  # type: ignore[attr-defined]
+        return result
+
+    @http.post(
+        "/v1/query-classify:batch",
+        response_model=ClassificationBatch,
+        response_model_exclude_none=True,
+        dependencies=[Depends(require_json)],
+    )
+    async def query_classify_batch(self, body: ClassifyBatchRequest) -> ClassificationBatch:  # type: ignore[valid-type]
+        """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""
+        results = await asyncio.gather(*(self.answer(t) for t in body.texts))  # type: ignore[attr-defined]
+        return ClassificationBatch(results=list(results))
+
+    @http.get("/health/live")
+    async def live(self) -> dict[str, str]:
+        return {"status": "alive"}
+
+    @http.get("/health/ready")
+    async def ready(self) -> JSONResponse:
+        if self.classifier is not None:
+            return JSONResponse({"status": "ready"})
+        status = "failed" if self.load_error else "loading"
+        return JSONResponse({"status": status, "error": self.load_error}, status_code=503)
+
+    @http.get("/health/deep")
+    async def deep(self) -> dict[str, Any]:
+        src, clf = self.source, self.classifier
+        return {
+            "status": "ready" if clf else ("failed" if self.load_error else "loading"),
+            "error": self.load_error,
+            "model": {
+                "source": src.origin if src else None,
+                "name": src.name if src else None,
+                "path": str(src.path) if src else None,
+                "revision": src.revision if src else None,
+                "trained": src.trained if src else None,
+                "identity": clf.identity if clf else None,
+                "labels": clf.labels if clf else None,
+                "device": self.settings.model_device,
+                "backend": self.settings.model_backend,
+                "max_length": self.settings.max_length,
+            },
+            "cache": {
+                "l1_entries": len(self.cache.l1) if self.cache.l1 is not None else 0,
+                "l1_max_size": self.settings.cache_l1_size,
+                "l1_ttl_sec": self.settings.cache_l1_ttl_sec,
+                "l2_configured": self.cache.redis is not None,
+                "redis_reachable": await self.cache.redis_reachable(),
+            },
+            "batching": {
+                "max_batch_size": self.settings.max_batch_size,
+                "max_latency_ms": self.settings.max_latency_ms,
+            },
+            "confidence_threshold": self.settings.confidence_threshold,
+        }
+
+    # --- BentoML-native API (for bentoml.SyncHTTPClient / AsyncHTTPClient) -----------------------------------
+
+    @bentoml.api(route="/classify")
+    async def classify(self, text: str) -> dict[str, Any]:
+        """Same answer as POST /v1/query-classify, for BentoML's Python clients: `client.classify(text=...)`."""
+        try:
+            checked = check_text(text, self.settings.max_text_chars)
+        except ValueError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from exc
+        try:
+            return (await self.answer(checked)).model_dump(exclude_none=True)
+        except ApiError as exc:
+            if exc.code == 503:
+                raise bentoml.exceptions.ServiceUnavailable(exc.message) from exc
+            raise
