@@ -1,8 +1,9 @@
 """Query Router: the BentoML service. Wiring only; the work is done in `router/`.
 
-One service, one process per worker: the HTTP routes (FastAPI, mounted on BentoML's app) call the batchable
-`predict` method through BentoML's in-process proxy of this same service, so concurrent requests meet in BentoML's
-adaptive batcher without a second process or a network hop. README § Architecture says why.
+One service, one process per worker. The HTTP routes (FastAPI, mounted on BentoML's app) hand each cache miss to
+BentoML's adaptive batcher in-process (`router.batching`), so concurrent requests share forward passes without a
+second process or a network hop; `predict` is the same model call as a batchable BentoML API for bulk callers.
+README § Architecture says why.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from router.api import (
     require_json,
     validation_error,
 )
+from router.batching import AdaptiveBatcher, Overloaded
 from router.cache import Breaker, SingleFlight, TwoLevelCache, connect_redis
 from router.config import Settings
 from router.inference import Classifier
@@ -74,6 +76,7 @@ class QueryRouter:
             breaker=Breaker(settings.redis_retry_sec),
         )
         self.flights = SingleFlight()
+        self.batcher = AdaptiveBatcher(self.predict_texts, settings.max_batch_size, settings.max_latency_ms)
         self.source: ModelSource | None = None
         self.classifier: Classifier | None = None
         self.load_error: str | None = None
@@ -112,6 +115,7 @@ class QueryRouter:
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        self.batcher.shutdown()
         await self.cache.close()
 
     def __is_ready__(self) -> bool:
@@ -127,12 +131,16 @@ class QueryRouter:
     )
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         """Raw model predictions (no cache, no routing) for already normalized texts."""
+        return [{"label": p.label, "confidence": p.confidence} for p in self.predict_texts(texts)]
+
+    def predict_texts(self, texts: list[str]) -> list[Prediction]:
+        """One forward pass over a batch; runs in a worker thread (BentoML's or the batcher's)."""
         if self.classifier is None:
             raise bentoml.exceptions.ServiceUnavailable("model not ready")
         with self.metrics.inference_duration.time():
             predictions = self.classifier.predict(texts)
         self.metrics.batch_size.observe(len(texts))
-        return [{"label": p.label, "confidence": p.confidence} for p in predictions]
+        return predictions
 
     # --- the answer for one text: L1 → (single-flight: L2 → model) → routing -----------------------------------
 
@@ -156,13 +164,12 @@ class QueryRouter:
         if cached is not None:
             return cached
         try:
-            [raw] = await self.to_async.predict(texts=[normalized])  # type: ignore[attr-defined]
-        except bentoml.exceptions.BentoMLException as exc:
-            if exc.error_code == 503:
-                raise ApiError(503, "overloaded: the model queue is full, retry shortly", {"Retry-After": "1"}) from exc
-            log.error("inference failed: %s", exc)
+            [prediction] = await self.batcher.run([normalized])
+        except Overloaded as exc:
+            raise ApiError(503, "overloaded: the model queue is full, retry shortly", {"Retry-After": "1"}) from exc
+        except Exception as exc:
+            log.exception("inference failed")
             raise ApiError(500, "inference failed") from exc
-        prediction = Prediction(str(raw["label"]), float(raw["confidence"]))
         await self.cache.put(key, prediction)
         return prediction
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     # --- batching (BentoML adaptive batching of the model call) ---
     max_batch_size: int = Field(64, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass.")
-    max_latency_ms: int = Field(200, ge=1, le=60000, description="Latency budget BentoML's batcher keeps per request.")
+    max_latency_ms: int = Field(1000, ge=1, le=60000, description="Latency budget BentoML's batcher keeps per request.")
 
     # --- API ---
     max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters, after trimming).")

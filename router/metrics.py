@@ -17,6 +17,7 @@ class RouterMetrics:
     """The router's metrics; tests pass their own registry."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
         self.requests = Counter(
             "router_requests_total", "HTTP requests by route and status code.", ["route", "status"], registry=registry
         )

@@ -1,0 +1,116 @@
+"""Run the real service as a subprocess on a free loopback port (used by the tests and the benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Variables of the router that must not leak from the developer's shell into a test server.
+ROUTER_ENV = (
+    "MODEL_PATH",
+    "HF_MODEL_ID",
+    "HF_MODEL_REVISION",
+    "REDIS_URL",
+    "CONFIDENCE_THRESHOLD",
+    "CACHE_L1_SIZE",
+    "MODEL_BACKEND",
+    "MAX_BATCH_SIZE",
+    "MAX_LATENCY_MS",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def classify(self, text: object, **extra: object) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/query-classify", json={"text": text, **extra}, timeout=30)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def deep(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.url}/health/deep", timeout=10).json())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], log_path: Path, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}{path} not 200 after {timeout} s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextmanager
+def serve(
+    env: dict[str, str],
+    log_dir: Path,
+    ready: bool = True,
+    timeout: float = 180,
+    target: str = "service:QueryRouter",
+    ready_path: str = "/health/ready",
+) -> Iterator[Server]:
+    """Run `bentoml serve <target>` from the repo on a free loopback port until the block ends."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if k not in ROUTER_ENV}
+    full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TORCH_THREADS": "1"})
+    full_env.update(env)
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    log_path = log_dir / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, process, log_path, ready_path if ready else "/livez", timeout)
+        yield Server(url, process, log_path)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

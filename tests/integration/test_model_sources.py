@@ -1,0 +1,79 @@
+"""Model resolution for real: MODEL_PATH, the Hub (a local stand-in on loopback) and the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.config import Settings
+from router.model import EMBEDDED_DIR, ModelLoadError, resolve_model
+from tests.hub_standin import running_hub
+
+pytestmark = pytest.mark.integration
+
+
+def test_explicit_model_path_without_a_model_raises(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="holds no model"):
+        resolve_model(Settings(model_path=str(tmp_path)))
+
+
+def test_service_serves_a_hub_model(server_factory: Callable[..., Any], fast_model: Path, tmp_path: Path) -> None:
+    with running_hub() as (hub, endpoint):
+        commit = hub.add_folder("acme/router-tiny", fast_model)
+        env = {
+            "HF_MODEL_ID": "acme/router-tiny",
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_CACHE": str(tmp_path / "cache"),
+        }
+        with server_factory(env) as server:
+            assert server.classify("Summarize: rivers flow to the sea.").json()["label"] == "0"
+            model = server.deep()["model"]
+            assert model["source"] == "hub" and model["name"] == "acme/router-tiny"  # type: ignore[index]
+            assert model["revision"] == commit  # type: ignore[index]  # the snapshot's commit, for the logs
+        assert any(r.startswith("GET /api/models/acme/router-tiny/revision/main") for r in hub.requests)
+
+
+def test_service_with_a_wrong_hub_id_stays_not_ready(server_factory: Callable[..., Any], tmp_path: Path) -> None:
+    with running_hub() as (_, endpoint):
+        env = {
+            "HF_MODEL_ID": "acme/does-not-exist",
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_CACHE": str(tmp_path / "cache"),
+        }
+        with server_factory(env, ready=False) as server:
+            for _ in range(200):
+                ready = httpx.get(f"{server.url}/health/ready")
+                if ready.json()["status"] != "loading":
+                    break
+                asyncio.run(asyncio.sleep(0.1))
+            assert ready.status_code == 503
+            assert "HF_MODEL_ID=acme/does-not-exist" in ready.json()["error"]
+
+
+def test_embedded_default_routes_obvious_queries(server_factory: Callable[..., Any]) -> None:
+    """No configuration at all: the packaged backbone plus the shipped router weights, offline."""
+    trained = (EMBEDDED_DIR / "config.json").is_file()
+    with server_factory({}) as server:
+        model = server.deep()["model"]
+        assert model["source"] == "embedded"  # type: ignore[index]
+        assert model["trained"] is trained  # type: ignore[index]
+        if not trained:
+            assert "UNTRAINED" in server.log()
+            pytest.skip("router/default_model holds no trained weights yet")
+        fast = [
+            "Classify each of the following as a mammal or a bird: dog, eagle, whale, sparrow",
+            "Summarize the following paragraph.\n\nThe Amazon is the largest rainforest on Earth. It spans nine "
+            "countries and is home to millions of species of insects, plants, birds and other forms of life.",
+        ]
+        slow = ["Write a short poem about autumn leaves falling.", "Why do people like to travel?"]
+        for text in fast:
+            assert server.classify(text).json()["label"] == "0", text
+        for text in slow:
+            assert server.classify(text).json()["label"] == "1", text

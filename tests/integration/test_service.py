@@ -1,0 +1,253 @@
+"""The real service (`bentoml serve` subprocess) with tiny real models, a real Redis and real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+import pytest
+
+from tests.conftest import RedisServer, Server
+
+pytestmark = pytest.mark.integration
+
+P_FAST = 1 / (1 + math.exp(-1.4))  # softmax([0.7, -0.7])[0], the fast_model's answer for every text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, fast_model: Path) -> Iterator[Server]:
+    """One service on the constant fast model, shared by the read-only tests of this module."""
+    from tests.conftest import serve
+
+    with serve({"MODEL_PATH": str(fast_model)}, tmp_path_factory.mktemp("logs")) as running:
+        yield running
+
+
+def test_classify_returns_label_confidence_and_latency_header(server: Server) -> None:
+    response = server.classify("Classify these animals: cat, shark, eagle")
+    assert response.status_code == 200
+    body = response.json()
+    assert body == {"label": "0", "confidence": pytest.approx(P_FAST, abs=1e-5)}
+    assert 0 < float(response.headers["x-router-latency"]) < 30000
+
+
+def test_request_id_is_echoed(server: Server) -> None:
+    assert server.classify("hello there", request_id="req-42").json()["request_id"] == "req-42"
+
+
+def test_repeat_is_an_l1_cache_hit(server: Server) -> None:
+    hits = server.metric("router_cache_hits_total", level="l1")
+    batches = server.metric("router_batch_size_count")
+    text = "What is the capital of Peru? (cache test)"
+    first, second = server.classify(text), server.classify("  What is the capital   of Peru? (cache test) ")
+    assert first.json() == second.json()
+    assert server.metric("router_cache_hits_total", level="l1") == hits + 1  # normalised text, same key
+    assert server.metric("router_batch_size_count") == batches + 1  # the model ran once
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "code"),
+    [
+        (b'{"text": ""}', "application/json", 422),
+        (b'{"text": "   \\n\\t "}', "application/json", 422),
+        (b'{"text": "' + b"x" * 2049 + b'"}', "application/json", 422),
+        (b'{"text": 42}', "application/json", 422),
+        (b'{"text": ["a"]}', "application/json", 422),
+        (b'{"text": null}', "application/json", 422),
+        (b'{"txt": "hello"}', "application/json", 422),
+        (b'{"text": "\\ud800 lone surrogate"}', "application/json", 422),
+        (b'["hello"]', "application/json", 422),
+        (b"{not json", "application/json", 400),
+        (b"", "application/json", 422),
+        (b"text=hello", "application/x-www-form-urlencoded", 415),
+        (b'{"text": "' + b"y" * 70000 + b'"}', "application/json", 413),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_caches_nothing(
+    server: Server, body: bytes, content_type: str, code: int
+) -> None:
+    entries = server.deep()["cache"]["l1_entries"]  # type: ignore[index]
+    decisions = server.metric("router_decisions_total")
+    response = httpx.post(f"{server.url}/v1/query-classify", content=body, headers={"content-type": content_type})
+    assert response.status_code == code
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["status"] == "INVALID_ARGUMENT"
+    assert isinstance(error["message"], str) and error["message"]
+    assert server.deep()["cache"]["l1_entries"] == entries  # type: ignore[index]
+    assert server.metric("router_decisions_total") == decisions
+
+
+def test_text_at_the_limit_is_accepted(server: Server) -> None:
+    assert server.classify("  " + "z" * 2048 + "  ").status_code == 200
+
+
+def test_batch_route_answers_in_order_and_forms_batches(server: Server) -> None:
+    batches = server.metric("router_batch_size_count")
+    texts = [f"batch route text number {i}" for i in range(24)]
+    response = httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": texts}, timeout=30)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == 24
+    assert all(r == {"label": "0", "confidence": pytest.approx(P_FAST, abs=1e-5)} for r in results)
+    assert server.metric("router_batch_size_count") - batches < 24  # BentoML grouped them
+
+    too_many = httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": ["a"] * 65})
+    assert too_many.status_code == 422
+    assert httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": []}).status_code == 422
+    assert httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": ["ok", " "]}).status_code == 422
+
+
+def test_concurrent_requests_share_forward_passes(server: Server) -> None:
+    batches = server.metric("router_batch_size_count")
+    texts = [f"concurrent unique text {i}" for i in range(32)]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/query-classify", json={"text": t}) for t in texts))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 32
+    assert server.metric("router_batch_size_count") - batches < 32
+
+
+def test_identical_concurrent_misses_run_the_model_once(server: Server) -> None:
+    batches = server.metric("router_batch_size_sum")
+
+    async def send_same() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/query-classify", json={"text": "same text"}) for _ in range(16))
+            )
+
+    assert all(r.status_code == 200 for r in asyncio.run(send_same()))
+    assert server.metric("router_batch_size_sum") == batches + 1  # one text went through the model
+
+
+def test_health_and_metrics(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health/live").json() == {"status": "alive"}
+    assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready"}
+    deep = server.deep()
+    assert deep["status"] == "ready"
+    assert deep["model"]["source"] == "path" and deep["model"]["trained"] is True  # type: ignore[index]
+    assert deep["model"]["labels"] == {"0": "0", "1": "1"}  # type: ignore[index]
+    assert deep["cache"]["l2_configured"] is False  # type: ignore[index]
+    assert deep["batching"] == {"max_batch_size": 64, "max_latency_ms": 1000}
+    assert deep["confidence_threshold"] == 0.7
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "router_requests_total",
+        "router_request_duration_seconds_bucket",
+        "router_cache_hits_total",
+        "router_decisions_total",
+        "router_prediction_confidence_bucket",
+        "router_batch_size_bucket",
+        "router_inference_duration_seconds_bucket",
+        "router_model_ready",
+    ):
+        assert name in metrics
+    assert server.metric("router_model_ready") == 1
+    assert server.metric("router_requests_total", route="/v1/query-classify", status="200") >= 1
+
+
+def test_bentoml_python_client(server: Server) -> None:
+    with bentoml.SyncHTTPClient(server.url) as client:
+        result = client.classify(text="Summarize the following article about rivers.")
+        assert result == {"label": "0", "confidence": pytest.approx(P_FAST, abs=1e-5)}
+        with pytest.raises(bentoml.exceptions.BentoMLException):
+            client.classify(text="   ")
+
+
+def test_threshold_routing_and_l2_shared_between_instances(
+    server_factory: Callable[..., Any], fast_model: Path, redis_server: RedisServer
+) -> None:
+    """Instance A (threshold 0.7) answers fast; B (0.9) reads A's raw prediction from Redis and routes it slow."""
+    common = {"MODEL_PATH": str(fast_model), "REDIS_URL": redis_server.url, "REDIS_KEY_PREFIX": "qr-test:"}
+    with (
+        server_factory({**common, "CONFIDENCE_THRESHOLD": "0.7"}) as a,
+        server_factory({**common, "CONFIDENCE_THRESHOLD": "0.9"}) as b,
+    ):
+        assert a.classify("Is a tomato a fruit?").json()["label"] == "0"
+        response = b.classify("Is a tomato a fruit?").json()
+        assert response == {"label": "1", "confidence": pytest.approx(P_FAST, abs=1e-5)}
+        assert b.metric("router_cache_hits_total", level="l2") == 1
+        assert b.metric("router_batch_size_count") == 0  # B never ran the model
+        assert b.metric("router_decisions_total", model_label="0", routed_label="1") == 1
+        assert b.classify("Is a tomato a fruit?").status_code == 200
+        assert b.metric("router_cache_hits_total", level="l1") == 1  # the L2 hit filled L1
+        assert b.deep()["cache"]["redis_reachable"] is True  # type: ignore[index]
+
+
+def test_a_new_model_never_serves_old_answers(
+    server_factory: Callable[..., Any], fast_model: Path, slow_model: Path, redis_server: RedisServer
+) -> None:
+    common = {"REDIS_URL": redis_server.url}
+    with server_factory({**common, "MODEL_PATH": str(fast_model)}) as old:
+        assert old.classify("Which model answers this?").json()["label"] == "0"
+    with server_factory({**common, "MODEL_PATH": str(slow_model)}) as new:
+        assert new.classify("Which model answers this?").json()["label"] == "1"
+        assert new.metric("router_cache_hits_total", level="l2") == 0
+
+
+def test_redis_stopped_mid_run_degrades_and_recovers(
+    server_factory: Callable[..., Any], fast_model: Path, redis_server: RedisServer
+) -> None:
+    env = {"MODEL_PATH": str(fast_model), "REDIS_URL": redis_server.url, "REDIS_RETRY_SEC": "0.5"}
+    with server_factory(env) as server:
+        assert server.classify("before the outage").status_code == 200
+        assert server.metric("router_redis_up") == 1
+        redis_server.stop()
+        responses = [server.classify(f"during the outage {i}") for i in range(10)]
+        assert [r.status_code for r in responses] == [200] * 10
+        assert all(r.json()["label"] == "0" for r in responses)
+        assert server.metric("router_redis_errors_total") >= 1
+        assert server.metric("router_redis_up") == 0
+        assert server.deep()["cache"]["redis_reachable"] is False  # type: ignore[index]
+        assert "L2 bypassed" in server.log()
+
+        redis_server.start()  # same port, empty
+        for i in range(40):  # the breaker lets a probe through after its back-off
+            server.classify(f"after the outage {i}")
+            if server.metric("router_redis_up") == 1:
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert server.metric("router_redis_up") == 1
+        assert "redis is back" in server.log()
+
+
+def test_missing_model_path_stays_not_ready(server_factory: Callable[..., Any], tmp_path: Path) -> None:
+    with server_factory({"MODEL_PATH": str(tmp_path / "nothing-here")}, ready=False) as server:
+        for _ in range(100):
+            ready = httpx.get(f"{server.url}/health/ready")
+            if ready.json()["status"] != "loading":
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "failed"
+        assert "MODEL_PATH" in ready.json()["error"]
+        response = server.classify("hello")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"]["status"] == "UNAVAILABLE"
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+        assert "model NOT loaded" in server.log()
+
+
+def test_corrupt_model_stays_not_ready(server_factory: Callable[..., Any], tmp_path: Path, fast_model: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((fast_model / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    with server_factory({"MODEL_PATH": str(broken)}, ready=False) as server:
+        for _ in range(200):
+            ready = httpx.get(f"{server.url}/health/ready")
+            if ready.json()["status"] != "loading":
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert ready.status_code == 503
+        assert "could not be loaded" in ready.json()["error"]

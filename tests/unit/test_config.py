@@ -1,0 +1,55 @@
+"""Settings read the environment and fail fast, naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from router.config import Settings
+
+
+def test_defaults_match_the_documented_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODEL_PATH", "HF_MODEL_ID", "REDIS_URL", "CONFIDENCE_THRESHOLD", "CACHE_L1_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert (s.cache_l1_size, s.cache_l1_ttl_sec, s.cache_l2_ttl_sec) == (10000, 300, 3600)
+    assert s.confidence_threshold == 0.7
+    assert s.redis_url is None and s.model_path is None
+    assert (s.fast_label, s.slow_label) == ("0", "1")
+
+
+def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONFIDENCE_THRESHOLD", "0.85")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    s = Settings()
+    assert s.confidence_threshold == 0.85
+    assert s.redis_url == "redis://127.0.0.1:6379/3"
+    assert s.max_batch_size == 32
+    assert s.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CONFIDENCE_THRESHOLD", "1.5"),
+        ("CONFIDENCE_THRESHOLD", "high"),
+        ("CACHE_L1_SIZE", "-1"),
+        ("MODEL_DEVICE", "tpu"),
+        ("MAX_BATCH_SIZE", "1"),
+        ("LOG_FORMAT", "xml"),
+        ("REDIS_TIMEOUT_MS", "0"),
+    ],
+)
+def test_invalid_values_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert name.lower() in str(error.value)
+
+
+def test_fast_and_slow_labels_must_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOW_LABEL", "0")
+    with pytest.raises(ValidationError, match="FAST_LABEL and SLOW_LABEL must differ"):
+        Settings()
