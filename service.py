@@ -76,7 +76,9 @@ class QueryRouter:
             breaker=Breaker(settings.redis_retry_sec),
         )
         self.flights = SingleFlight()
-        self.batcher = AdaptiveBatcher(self.predict_texts, settings.max_batch_size, settings.max_latency_ms)
+        self.batcher: AdaptiveBatcher[Prediction] = AdaptiveBatcher(
+            self.predict_texts, settings.max_batch_size, settings.max_latency_ms
+        )
         self.source: ModelSource | None = None
         self.classifier: Classifier | None = None
         self.load_error: str | None = None

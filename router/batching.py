@@ -10,8 +10,8 @@ their texts to the same dispatcher class directly: the same batching policy (max
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import anyio
 from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.40
@@ -27,7 +27,7 @@ def _overloaded() -> Any:
     raise Overloaded("the model queue cannot meet MAX_LATENCY_MS")
 
 
-class AdaptiveBatcher:
+class AdaptiveBatcher(Generic[T]):
     """`await batcher.run(items)`: concurrent calls are merged into one `predict_batch(all_items)` in a thread."""
 
     def __init__(self, predict_batch: Callable[[list[str]], list[T]], max_batch_size: int, max_latency_ms: int) -> None:
@@ -41,12 +41,13 @@ class AdaptiveBatcher:
             batch_dim=(0, 0),
         )
         self.dispatcher = dispatcher
-        self.run = dispatcher(self._run_merged)
+        self.run: Callable[[list[str]], Awaitable[list[T]]] = dispatcher(self._run_merged)  # type: ignore[assignment]
 
     async def _run_merged(self, calls: Sequence[list[str]]) -> list[list[T]]:
         merged = [item for call in calls for item in call]
         results = await anyio.to_thread.run_sync(self.predict_batch, merged, limiter=self.limiter)
-        out, start = [], 0
+        out: list[list[T]] = []
+        start = 0
         for call in calls:
             out.append(results[start : start + len(call)])
             start += len(call)
