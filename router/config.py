@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     hf_model_revision: str | None = Field(None, description="Hub revision (commit sha or tag) to pin in production.")
     model_device: Literal["cpu", "cuda", "mps"] = Field("cpu", description="Device the model runs on.")
     model_backend: Literal["torch"] = Field("torch", description="Inference backend.")
-    max_length: int = Field(256, ge=8, le=512, description="Token limit per text; longer inputs are truncated.")
+    max_length: int = Field(
+        128, ge=8, le=512, description="Token limit per text (= training length); longer is truncated."
+    )
     torch_threads: int = Field(0, ge=0, le=64, description="torch intra-op threads; 0 = one per CPU core.")
 
     # --- batching (BentoML adaptive batching of the model call) ---

@@ -53,3 +53,13 @@ def test_fast_and_slow_labels_must_differ(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SLOW_LABEL", "0")
     with pytest.raises(ValidationError, match="FAST_LABEL and SLOW_LABEL must differ"):
         Settings()
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else str(field.default)
+        row = f"| `{name.upper()}` | " + (f"`{default}`" if default else "")
+        assert row in readme, f"README's configuration table lacks {name.upper()} with default {default!r}"
