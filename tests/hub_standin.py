@@ -23,6 +23,7 @@ class HubStandIn:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: dict[str, str] = {}
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each write (POST)
 
     def add_folder(self, repo_id: str, folder: Path) -> str:
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -102,25 +103,35 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             hub.requests.append(f"POST {self.path}")
+            hub.authorizations.append(self.headers.get("Authorization"))
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            # URLs the client parses back (RepoUrl, CommitInfo) must name this server, not another host.
+            base = f"http://{self.headers['Host']}"
             if self.path == "/api/repos/create":
                 repo = json.loads(body)
                 repo_id = f"{repo.get('organization') or 'user'}/{repo['name']}"
-                hub.repos.setdefault(repo_id, {})
-                hub.commits.setdefault(repo_id, "0" * 40)
-                return self._json(200, {"url": f"http://hub/{repo_id}", "name": repo_id})
+                if repo_id in hub.repos:  # as the Hub: 409 with the URL; create_repo(exist_ok=True) accepts it
+                    return self._json(409, {"error": "You already created this model repo", "url": f"{base}/{repo_id}"})
+                hub.set_files(repo_id, {})
+                return self._json(200, {"url": f"{base}/{repo_id}", "name": repo_id})
+            if self.path == "/api/validate-yaml":  # a README.md model card is checked before the upload
+                return self._json(200, {"errors": [], "warnings": []})
             if match := re.match(r"^/api/models/([^/]+/[^/]+)/preupload/([^/?]+)", self.path):
+                # Every file "regular": its bytes come inline (base64) in the commit, no LFS or Xet transfer.
                 files = json.loads(body)["files"]
-                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular"} for f in files]})
+                modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                return self._json(200, {"files": modes})
             if match := re.match(r"^/api/models/([^/]+/[^/]+)/commit/([^/?]+)", self.path):
                 repo_id = match.group(1)
-                files = dict(hub.repos.get(repo_id, {}))
+                if repo_id not in hub.repos:
+                    return self._not_found()
+                files = dict(hub.repos[repo_id])
                 for line in body.decode().splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
                         files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 commit = hub.set_files(repo_id, files)
-                return self._json(200, {"commitUrl": f"http://hub/{repo_id}/commit/{commit}", "commitOid": commit})
+                return self._json(200, {"commitUrl": f"{base}/{repo_id}/commit/{commit}", "commitOid": commit})
             return self._not_found()
 
     return Handler
