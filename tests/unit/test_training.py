@@ -1,0 +1,99 @@
+"""Short real training runs: the shipped LoRA form on the packaged MiniLM, and a full fine-tune of a DistilBERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from router.config import Settings
+from router.inference import Classifier
+from router.model import BACKBONE_ID, ModelSource, holds_model
+from training import data, train
+
+SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "dolly_sample.jsonl"
+
+
+def run(tmp_path: Path, *extra: str) -> dict:
+    args = ["--output-dir", str(tmp_path / "model"), "--data", str(SAMPLE), "--batch-size", "8", "--max-length", "64"]
+    return train.train(train.parse_args([*args, *extra]))
+
+
+def validation_accuracy_as_served(folder: Path, max_length: int) -> float:
+    """Accuracy on the run's validation split, with the model loaded and called the way the service does it."""
+    splits = data.split(data.to_examples(data.load_jsonl(SAMPLE))[0], seed=42)
+    classifier = Classifier.load(ModelSource(path=folder, origin="path", name="test"), Settings(max_length=max_length))
+    predictions = classifier.predict([e.text for e in splits.validation])
+    expected = [data.ID2LABEL[e.label] for e in splits.validation if e.label is not None]
+    return float(np.mean([p.label == label for p, label in zip(predictions, expected, strict=True)]))
+
+
+def test_default_lora_run_writes_the_embedded_adapter_folder(tmp_path: Path) -> None:
+    report = run(tmp_path, "--max-epochs", "2", "--log-interval", "1")
+    folder = tmp_path / "model"
+
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+        "training_report.json",
+    ]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"} and config["label2id"] == {"0": 0, "1": 1}
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == BACKBONE_ID
+    assert {"classifier", "pooler"} <= set(adapter["modules_to_save"])
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+        assert {str(weights.get_tensor(k).dtype) for k in keys} == {"torch.float16"}
+    assert any("classifier" in k for k in keys) and any("pooler" in k for k in keys)
+    assert any("lora_A" in k for k in keys) and not any("embeddings" in k for k in keys)
+    assert (folder / "adapter_model.safetensors").stat().st_size < 2_000_000
+
+    saved = json.loads((folder / "training_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert report["method"] == "lora" and report["data"]["sha256"] == data.data_hash(data.load_jsonl(SAMPLE))
+    assert report["data"]["split_sizes"] == {"train": 32, "validation": 4, "test": 5, "train_used": 32}
+    assert report["metrics"]["global_steps"] == 8 and len(report["metrics"]["epochs"]) == 2
+    assert report["hyperparameters"]["learning_rate"] == 5e-4
+    assert report["data"]["train_token_lengths"]["max"] > 64  # the summaries are longer than the cut
+    # What the service loads (adapter merged into the packaged backbone) scores what training measured.
+    served = validation_accuracy_as_served(folder, max_length=64)
+    assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
+
+
+def test_full_fine_tune_of_a_distilbert_saves_a_plain_model_folder(tmp_path: Path, fast_model: Path) -> None:
+    report = run(tmp_path, "--base-model", str(fast_model), "--method", "full", "--max-epochs", "1")
+    folder = tmp_path / "model"
+    assert holds_model(folder) and (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file() and not (folder / "adapter_config.json").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "distilbert" and config["id2label"] == {"0": "0", "1": "1"}
+    assert report["metrics"]["global_steps"] == 4
+    served = validation_accuracy_as_served(folder, max_length=64)
+    assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
+
+
+def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tmp_path: Path, fast_model: Path) -> None:
+    """A learning rate too small to move the loss: patience 1 stops after the second epoch, not the tenth."""
+    report = run(
+        tmp_path, "--base-model", str(fast_model), "--method", "full", "--max-epochs", "10", "--patience", "1",
+        "--learning-rate", "1e-12",
+    )  # fmt: skip
+    assert report["metrics"]["epochs_run"] == 2
+    assert report["metrics"]["best_epoch"] == 1
+
+
+def test_same_data_and_seed_give_the_same_model(tmp_path: Path, fast_model: Path) -> None:
+    """Reproducibility: the split, the head's init and the shuffling all follow --seed."""
+    args = ("--base-model", str(fast_model), "--method", "full", "--max-epochs", "1")
+    first = run(tmp_path / "a", *args)
+    second = run(tmp_path / "b", *args)
+    assert (tmp_path / "a" / "model" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model" / "model.safetensors"
+    ).read_bytes()
+    assert first["metrics"]["best_validation"] == second["metrics"]["best_validation"]
+    assert first["data"] == second["data"]

@@ -1,0 +1,266 @@
+"""Fine-tune a sequence classifier for the router: `python -m training.train --output-dir models/router`.
+
+The default run turns the packaged all-MiniLM-L6-v2 backbone into the shipped embedded model: a LoRA adapter plus
+the trained classifier head and pooler (peft `modules_to_save`), stored in float16, which `router.model` merges into
+the backbone at load time. `--method full` fine-tunes every weight and saves an ordinary Hugging Face model folder
+(with tokenizer) instead; that works for any `AutoModelForSequenceClassification` base, e.g. distilbert-base-uncased.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from router.model import BACKBONE_ID, backbone_path
+from training import data
+from training.pushgateway import PushgatewayCallback, TrainingMetrics
+
+log = logging.getLogger(__name__)
+
+# LoRA targets per architecture; others fall back to peft's own defaults for that model type.
+LORA_TARGETS = {"bert": ["query", "key", "value", "dense"]}
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, type=Path, help="Folder the trained model is written to.")
+    parser.add_argument("--data", help="Local dolly JSONL file; default: the Hub dataset " + data.HUB_DATASET)
+    parser.add_argument(
+        "--base-model", default=BACKBONE_ID, help="Hub id or local folder (default: packaged MiniLM, offline)."
+    )
+    parser.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA adapter or full fine-tune.")
+    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=3, help="Epochs without a better validation loss to stop.")
+    parser.add_argument("--learning-rate", type=float, help="Default: 5e-4 for lora, 5e-5 for full.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-length", type=int, default=128, help="Token limit of a training text.")
+    parser.add_argument("--seed", type=int, default=42, help="Seeds the split, the head's init and the shuffling.")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--adapter-dtype", choices=["float16", "float32"], default="float16", help="Storage dtype of adapter weights."
+    )
+    parser.add_argument("--max-train-examples", type=int, help="Use only the first N training examples (smoke runs).")
+    parser.add_argument("--pushgateway-url", help="Push step and epoch metrics here (e.g. http://localhost:9091).")
+    parser.add_argument("--log-interval", type=int, default=10, help="Steps between logged/pushed step metrics.")
+    parser.add_argument("--run-id", help="Pushgateway grouping key and report id (default: a new random id).")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default.")
+    return parser.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """The base model with a fresh 2-label head; wrapped in a LoRA adapter for `--method lora`."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone_path(args.base_model), num_labels=2, id2label=data.ID2LABEL, label2id=data.LABEL2ID
+    )
+    if args.method == "full":
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_TARGETS.get(model.config.model_type),
+        # The head is new and the pooler feeds it: both are trained in full and saved beside the adapter.
+        modules_to_save=["classifier", "pooler"] if hasattr(model.base_model, "pooler") else ["classifier"],
+    )
+    return get_peft_model(model, config)
+
+
+def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted = np.argmax(logits, axis=-1)
+    labels = prediction.label_ids
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "f1": float(f1_score(labels, predicted, average="macro")),
+    }
+
+
+def token_lengths(tokenizer: Any, examples: list[data.Example]) -> dict[str, float]:
+    """Percentiles of untruncated token counts: what `--max-length` cuts off."""
+    lengths = np.array([len(ids) for ids in tokenizer([e.text for e in examples], truncation=False)["input_ids"]])
+    stats = {f"p{p}": float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)}
+    return stats | {"max": float(lengths.max())}
+
+
+def save(model: Any, tokenizer: Any, args: argparse.Namespace, output_dir: Path) -> None:
+    """Write the model folder the service loads: an adapter folder (lora) or a full model folder with tokenizer."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.method == "full":
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        return
+    # Record the base's public id, not the local folder of its packaged weights, so any install can resolve it.
+    model.peft_config["default"].base_model_name_or_path = args.base_model
+    model.save_pretrained(output_dir, save_embedding_layers=False)  # embeddings are frozen: nothing to look up
+    (output_dir / "README.md").unlink(missing_ok=True)  # peft's template card; docs/model-card.md is the real one
+    model.base_model.model.config.save_pretrained(output_dir)  # id2label/label2id and the architecture
+    if args.adapter_dtype == "float16":
+        # Half the bytes in git; the service loads them into the float32 backbone, so inference stays float32.
+        weights = load_file(output_dir / ADAPTER_FILE)
+        save_file({k: v.to(torch.float16) for k, v in weights.items()}, output_dir / ADAPTER_FILE)
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, keep the epoch with the lowest validation loss, save it with its training_report.json."""
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    run_id = args.run_id or uuid.uuid4().hex[:12]
+    learning_rate = args.learning_rate or (5e-4 if args.method == "lora" else 5e-5)
+
+    records = data.load_records(args.data)
+    in_scope, out_of_scope = data.to_examples(records)
+    splits = data.split(in_scope, seed=args.seed)
+    train_examples = splits.train[: args.max_train_examples] if args.max_train_examples else splits.train
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path(args.base_model))
+    model = build_model(args)
+
+    def encode(examples: list[data.Example]) -> Dataset:
+        dataset = Dataset.from_dict({"text": [e.text for e in examples], "label": [e.label for e in examples]})
+        return dataset.map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
+
+    callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=args.patience)]
+    if args.pushgateway_url:
+        callbacks.append(PushgatewayCallback(TrainingMetrics(args.pushgateway_url, run_id)))
+
+    with tempfile.TemporaryDirectory(prefix="router-train-") as checkpoints:
+        training_args = TrainingArguments(
+            output_dir=checkpoints,
+            num_train_epochs=args.max_epochs,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,
+            warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of all training steps
+            lr_scheduler_type="linear",
+            weight_decay=args.weight_decay,
+            max_grad_norm=1.0,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_total_limit=args.patience + 1,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            logging_steps=args.log_interval,
+            train_sampling_strategy="group_by_length",
+            seed=args.seed,
+            use_cpu=not torch.cuda.is_available(),
+            report_to="none",
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=encode(train_examples),
+            eval_dataset=encode(splits.validation),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+        )
+        train_output = trainer.train()
+        validation = trainer.evaluate()
+        best_checkpoint = trainer.state.best_model_checkpoint
+        history = trainer.state.log_history
+    save(trainer.model, tokenizer, args, args.output_dir)
+    wall_time = time.perf_counter() - started
+
+    report = {
+        "run_id": run_id,
+        "base_model": args.base_model,
+        "method": args.method,
+        "data": {
+            "source": str(args.data) if args.data else f"hub:{data.HUB_DATASET}",
+            "sha256": data.data_hash(records),
+            "records": len(records),
+            "in_scope": len(in_scope),
+            "out_of_scope": len(out_of_scope),
+            "split_seed": args.seed,
+            "split_sizes": splits.sizes() | {"train_used": len(train_examples)},
+            "train_token_lengths": token_lengths(tokenizer, train_examples),
+        },
+        "hyperparameters": {
+            key: value for key, value in vars(args).items() if key not in {"output_dir", "pushgateway_url", "run_id"}
+        }
+        | {"learning_rate": learning_rate, "data": str(args.data) if args.data else None},
+        "metrics": {
+            "best_validation": {k: validation[f"eval_{k}"] for k in ("loss", "accuracy", "f1")},
+            "epochs_run": trainer.state.epoch,
+            "best_epoch": _checkpoint_epoch(history, best_checkpoint),
+            "global_steps": trainer.state.global_step,
+            "train_loss": train_output.training_loss,
+            "epochs": [
+                {"epoch": entry["epoch"]} | {k: entry[f"eval_{k}"] for k in ("loss", "accuracy", "f1")}
+                for entry in history
+                if "eval_loss" in entry
+            ][:-1],  # the last entry is the re-evaluation of the best checkpoint
+        },
+        "wall_time_seconds": round(wall_time, 1),
+        "torch_threads": torch.get_num_threads(),
+        "model_bytes": folder_size(args.output_dir),
+    }
+    (args.output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _checkpoint_epoch(history: list[dict[str, Any]], checkpoint: str | None) -> float | None:
+    """Epoch of the checkpoint `load_best_model_at_end` restored (checkpoint folders are named by step)."""
+    if not checkpoint:
+        return None
+    step = int(checkpoint.rsplit("-", 1)[-1])
+    return next((entry["epoch"] for entry in history if entry.get("step") == step and "eval_loss" in entry), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = train(parse_args(argv))
+    metrics = report["metrics"]["best_validation"]
+    log.info(
+        "saved %s (%d bytes) in %.0f s: validation accuracy %.4f, F1 %.4f",
+        report["run_id"],
+        report["model_bytes"],
+        report["wall_time_seconds"],
+        metrics["accuracy"],
+        metrics["f1"],
+    )
+
+
+if __name__ == "__main__":
+    main()
