@@ -25,7 +25,9 @@ def run(tmp_path: Path, *extra: str) -> dict:
 def validation_accuracy_as_served(folder: Path, max_length: int) -> float:
     """Accuracy on the run's validation split, with the model loaded and called the way the service does it."""
     splits = data.split(data.to_examples(data.load_jsonl(SAMPLE))[0], seed=42)
-    classifier = Classifier.load(ModelSource(path=folder, origin="path", name="test"), Settings(max_length=max_length))
+    classifier = Classifier.load(
+        ModelSource(path=folder, origin="path", name="test"), Settings(max_length=max_length, model_backend="torch")
+    )
     predictions = classifier.predict([e.text for e in splits.validation])
     expected = [data.ID2LABEL[e.label] for e in splits.validation if e.label is not None]
     return float(np.mean([p.label == label for p, label in zip(predictions, expected, strict=True)]))

@@ -1,0 +1,199 @@
+"""The benchmark: `python -m bench` starts the service on loopback and runs fixed, bounded scenarios.
+
+Scenarios: cold cache (every query new) at 1/16/64/150 concurrent clients, warm cache (a hot set of 200 queries, all
+cached) at 64. References measured in the same run: the model alone (batched forward passes in-process, the same
+backend) and BentoML's ceiling (`bench/trivial.py`, the same service setup answering a constant). Load comes from
+`wrk` (C, one thread, so the load generator leaves the server its CPU) with real dolly queries; the table goes to
+stdout and to bench/results/<time>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.queries import QueryGenerator
+from bench.server import Server, serve
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+
+
+@dataclass
+class Sampler:
+    """CPU seconds and peak RSS of the whole server process tree, sampled in a background thread."""
+
+    root: psutil.Process
+    peak_rss: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def tree(self) -> list[psutil.Process]:
+        return [self.root, *self.root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            rss = 0
+            for p in self.tree():
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+
+
+def write_bodies(texts: list[str], folder: Path, name: str) -> Path:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def wrk(url: str, bodies: Path, clients: int, seconds: int) -> dict[str, float]:
+    """One bounded wrk run; returns its JSON summary."""
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    out = subprocess.run(command, env={**os.environ, "BODIES_FILE": str(bodies)}, capture_output=True, text=True)
+    match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
+    if not match:
+        raise RuntimeError(f"wrk gave no summary:\n{out.stdout}\n{out.stderr}")
+    return dict(json.loads(match.group(1)))
+
+
+def scenario(
+    server: Server, sampler: Sampler, name: str, bodies: Path, clients: int, seconds: int
+) -> dict[str, object]:
+    batches0, texts0 = server.metric("router_batch_size_count"), server.metric("router_batch_size_sum")
+    cpu0, wall0 = sampler.cpu_seconds(), time.perf_counter()
+    summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, seconds)
+    cpu, wall = sampler.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    batches = server.metric("router_batch_size_count") - batches0
+    texts = server.metric("router_batch_size_sum") - texts0
+    return {
+        "scenario": name,
+        "clients": clients,
+        "rps": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "p50_ms": round(summary["p50_us"] / 1000, 1),
+        "p95_ms": round(summary["p95_us"] / 1000, 1),
+        "p99_ms": round(summary["p99_us"] / 1000, 1),
+        "errors": int(summary["non2xx"] + summary["socket_errors"]),
+        "requests": int(summary["requests"]),
+        "mean_batch": round(texts / batches, 1) if batches else None,
+        "server_cpu_pct": round(100 * cpu / wall),
+    }
+
+
+def single_request_latency(server: Server, texts: list[str], cached: bool) -> float:
+    """p50 of sequential single requests on an idle server (ms, client-side round trip)."""
+    times = []
+    with httpx.Client(base_url=server.url) as client:
+        for text in texts:
+            if cached:
+                client.post("/v1/query-classify", json={"text": text})
+            start = time.perf_counter()
+            client.post("/v1/query-classify", json={"text": text}).raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+def model_alone(backend: str, texts: list[str], batch_size: int = 64, seconds: float = 15) -> float:
+    """Queries/s of batched forward passes in this process, with the service's settings and backend."""
+    from router.config import Settings
+    from router.inference import Classifier
+    from router.model import resolve_model
+
+    settings = Settings(model_backend=backend)  # type: ignore[arg-type]
+    classifier = Classifier.load(resolve_model(settings), settings)
+    classifier.warm_up()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = texts[done % len(texts) : done % len(texts) + batch_size] or texts[:batch_size]
+        classifier.predict(batch)
+        done += len(batch)
+    return round(done / (time.perf_counter() - start), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=15, help="Duration of each load scenario.")
+    parser.add_argument("--backend", default=os.environ.get("MODEL_BACKEND", "torch"))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    generator = QueryGenerator(seed=1)
+    env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0"}
+    rows: list[dict[str, object]] = []
+    facts: dict[str, object] = {"backend": args.backend, "cpus": os.cpu_count(), "seconds_per_scenario": args.seconds}
+
+    start = time.perf_counter()
+    with serve(env, work) as server:
+        facts["start_to_ready_s"] = round(time.perf_counter() - start, 1)
+        sampler = Sampler(psutil.Process(server.process.pid))
+        threading.Thread(target=sampler.run, daemon=True).start()
+        facts["single_uncached_p50_ms"] = single_request_latency(server, [generator.unique() for _ in range(50)], False)
+        facts["single_cached_p50_ms"] = single_request_latency(server, [generator.unique() for _ in range(50)], True)
+        for clients in (1, 16, 64, 150):
+            bodies = write_bodies([generator.unique() for _ in range(60000)], work, f"cold{clients}")
+            rows.append(scenario(server, sampler, "cold", bodies, clients, args.seconds))
+            print(json.dumps(rows[-1]), flush=True)
+        hot = generator.hot_set(200)
+        httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": hot[:64]}, timeout=60)
+        for i in range(64, 200, 64):
+            httpx.post(f"{server.url}/v1/query-classify:batch", json={"texts": hot[i : i + 64]}, timeout=60)
+        rows.append(scenario(server, sampler, "warm", write_bodies(hot, work, "hot"), 64, args.seconds))
+        print(json.dumps(rows[-1]), flush=True)
+        sampler.stop.set()
+        facts["server_peak_rss_mib"] = round(sampler.peak_rss / 2**20)
+
+    with serve({}, work, target="bench.trivial:Trivial") as trivial:
+        sampler = Sampler(psutil.Process(trivial.process.pid))
+        trivial_row = scenario(trivial, sampler, "trivial endpoint", write_bodies(hot, work, "hot"), 64, args.seconds)
+        print(json.dumps(trivial_row), flush=True)
+
+    facts["model_alone_qps"] = model_alone(args.backend, generator.texts)
+    facts["trivial_rps_64"] = trivial_row["rps"]
+    for row in rows:
+        reference = facts["model_alone_qps"] if row["scenario"] == "cold" else facts["trivial_rps_64"]
+        row["ratio_to_reference"] = round(float(row["rps"]) / float(reference), 2)  # type: ignore[arg-type]
+    report([*rows, trivial_row], facts)
+
+
+def report(rows: list[dict[str, object]], facts: dict[str, object]) -> None:
+    head = "| scenario | clients | RPS | p50 ms | p95 ms | p99 ms | errors | mean batch | server CPU % | ratio |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = ("scenario", "clients", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch", "server_cpu_pct")
+    for row in rows:
+        cells = [row.get(k) for k in keys] + [row.get("ratio_to_reference", "")]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    lines.append("")
+    lines += [f"- {k}: {v}" for k, v in facts.items()]
+    table = "\n".join(lines)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps({"rows": rows, "facts": facts}, indent=2))
+    (RESULTS / f"{stamp}.md").write_text(table + "\n")
+    print(f"\nsaved bench/results/{stamp}.json and .md (ratio: cold vs model alone, warm vs trivial endpoint)")
+
+
+if __name__ == "__main__":
+    main()
