@@ -26,8 +26,8 @@ class Settings(BaseSettings):
     )
     hf_model_revision: str | None = Field(None, description="Hub revision (commit sha or tag) to pin in production.")
     model_device: Literal["cpu", "cuda", "mps"] = Field("cpu", description="Device the model runs on.")
-    model_backend: Literal["torch", "torch-int8"] = Field(
-        "torch-int8", description="torch-int8 (dynamic int8 Linear layers, CPU) or torch (fp32)."
+    model_backend: Literal["onnx-int8", "onnx", "torch-int8", "torch"] = Field(
+        "onnx-int8", description="onnx-int8, onnx, torch-int8 (CPU) or torch (fp32, any device)."
     )
     max_length: int = Field(
         128, ge=8, le=512, description="Token limit per text (= training length); longer is truncated."

@@ -1,11 +1,22 @@
-"""Texts in, predictions out: one batched forward pass of a sequence-classification model."""
+"""Texts in, predictions out: batched forward passes of a sequence-classification model, behind one interface.
+
+Backends (MODEL_BACKEND): `onnx-int8` (default; the model exported to ONNX at load, weights quantized to int8 per
+channel, run by ONNX Runtime), `onnx` (the same in fp32), `torch-int8` (PyTorch dynamic int8) and `torch` (eager fp32,
+the only one for cuda/mps). ONNX Runtime runs a whole forward pass in C++ without the GIL, so the event loop serving
+HTTP in the same process does not slow inference down; README § Performance has the measurements.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from router.config import Settings
 from router.model import ModelSource, load_model, model_identity
@@ -26,15 +37,60 @@ def quantize_int8(model: Any) -> Any:
     return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
 
 
+def torch_forward(model: Any, device: str) -> Callable[[Any], np.ndarray]:
+    import torch
+
+    def forward(encoded: Any) -> np.ndarray:
+        with torch.inference_mode():
+            return np.asarray(model(**encoded.to(device)).logits.float().cpu().numpy())
+
+    return forward
+
+
+def onnx_forward(model: Any, tokenizer: Any, threads: int, int8: bool) -> Callable[[Any], np.ndarray]:
+    """Export to ONNX (dynamic batch and sequence axes), optionally quantize, and open an ONNX Runtime session."""
+    import inspect
+
+    import onnxruntime as ort
+    import torch
+
+    # Graph inputs follow forward()'s parameter order, and input_names are given positionally: keep that order.
+    names = [p for p in inspect.signature(model.forward).parameters if p in tokenizer.model_input_names]
+    with tempfile.TemporaryDirectory(prefix="query-router-onnx-") as tmp:  # the session keeps the model in memory
+        folder = Path(tmp)
+        example = tokenizer(["warm-up query", "a second, longer warm-up query"], padding=True, return_tensors="pt")
+        axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+        torch.onnx.export(
+            model, (), str(folder / "model.onnx"), kwargs={n: example[n] for n in names}, input_names=names,
+            output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False,
+        )  # fmt: skip
+        path = folder / "model.onnx"
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(path, folder / "model.int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
+            path = folder / "model.int8.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal CPU
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(encoded: Any) -> np.ndarray:
+        return np.asarray(session.run(["logits"], {n: encoded[n] for n in names})[0])
+
+    return forward
+
+
 @dataclass
 class Classifier:
     """A loaded model with its tokenizer and label names (from the model's config, never from code)."""
 
-    model: Any
+    forward: Callable[[Any], np.ndarray]
     tokenizer: Any
     labels: dict[int, str]
     max_length: int
-    device: str
+    tensors: str  # what the tokenizer returns for `forward`: "pt" (torch) or "np" (ONNX Runtime)
     identity: str
     group_size: int = 8  # measured best of 2/4/8/16/32/64 on dolly texts (README § Performance)
 
@@ -42,13 +98,20 @@ class Classifier:
     def load(cls, source: ModelSource, settings: Settings) -> Classifier:
         import torch
 
-        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+        threads = settings.torch_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
         model, tokenizer = load_model(source)
-        model.to(settings.model_device)
-        if settings.model_backend == "torch-int8" and settings.model_device == "cpu":
-            model = quantize_int8(model)
-        elif settings.model_backend == "torch-int8":
-            log.warning("MODEL_BACKEND=torch-int8 is CPU-only; running fp32 on %s", settings.model_device)
+        backend = settings.model_backend
+        if settings.model_device != "cpu" and backend != "torch":
+            log.warning("MODEL_BACKEND=%s is CPU-only; running torch fp32 on %s", backend, settings.model_device)
+            backend = "torch"
+        if backend.startswith("onnx"):
+            forward, tensors = onnx_forward(model, tokenizer, threads, int8=backend == "onnx-int8"), "np"
+        else:
+            model.to(settings.model_device)
+            if backend == "torch-int8":
+                model = quantize_int8(model)
+            forward, tensors = torch_forward(model, settings.model_device), "pt"
         labels = {int(i): str(name) for i, name in model.config.id2label.items()}
         missing = {settings.fast_label, settings.slow_label} - set(labels.values())
         if missing:
@@ -57,8 +120,8 @@ class Classifier:
             raise ModelLoadError(
                 f"model labels {sorted(labels.values())} lack {sorted(missing)} (FAST_LABEL/SLOW_LABEL, id2label)"
             )
-        identity = model_identity(source, extra=f"{settings.model_backend}:{settings.max_length}")
-        return cls(model, tokenizer, labels, settings.max_length, settings.model_device, identity)
+        identity = model_identity(source, extra=f"{backend}:{settings.max_length}")
+        return cls(forward, tokenizer, labels, settings.max_length, tensors, identity)
 
     def predict(self, texts: list[str]) -> list[Prediction]:
         """Softmax top label and probability for each text.
@@ -75,17 +138,15 @@ class Classifier:
         return [r for r in results if r is not None]
 
     def _forward(self, texts: list[str]) -> list[Prediction]:
-        import torch
-
         encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            probabilities = self.model(**encoded).logits.float().softmax(dim=-1)
-        confidences, indices = probabilities.max(dim=-1)
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors=self.tensors
+        )
+        logits = self.forward(encoded).astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = exp / exp.sum(axis=-1, keepdims=True)
         return [
-            Prediction(label=self.labels[int(i)], confidence=float(c))
-            for i, c in zip(indices.tolist(), confidences.tolist(), strict=True)
+            Prediction(label=self.labels[int(i)], confidence=float(p[i]))
+            for i, p in zip(probabilities.argmax(axis=-1), probabilities, strict=True)
         ]
 
     def warm_up(self) -> None:
