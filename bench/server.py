@@ -60,6 +60,15 @@ class Server:
     def deep(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/health/deep", timeout=10).json())
 
+    def wait_until_loaded(self, timeout: float = 30) -> httpx.Response:
+        """The first /health/ready answer whose status is no longer "loading" (ready or failed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            response = httpx.get(f"{self.url}/health/ready", timeout=5)
+            if response.json()["status"] != "loading" or time.monotonic() > deadline:
+                return response
+            time.sleep(0.1)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -86,8 +95,9 @@ def serve(
     timeout: float = 180,
     target: str = "service:QueryRouter",
     ready_path: str = "/health/ready",
+    cwd: Path = REPO,
 ) -> Iterator[Server]:
-    """Run `bentoml serve <target>` from the repo on a free loopback port until the block ends."""
+    """Run `bentoml serve <target>` (from the repo unless `cwd` says otherwise) on a free loopback port."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ROUTER_ENV}
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TORCH_THREADS": "1"})
@@ -97,7 +107,7 @@ def serve(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
+            cwd=cwd,
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from router.config import Settings
@@ -48,11 +46,7 @@ def test_service_with_a_wrong_hub_id_stays_not_ready(server_factory: Callable[..
             "HF_HUB_CACHE": str(tmp_path / "cache"),
         }
         with server_factory(env, ready=False) as server:
-            for _ in range(200):
-                ready = httpx.get(f"{server.url}/health/ready")
-                if ready.json()["status"] != "loading":
-                    break
-                asyncio.run(asyncio.sleep(0.1))
+            ready = server.wait_until_loaded()
             assert ready.status_code == 503
             assert "HF_MODEL_ID=acme/does-not-exist" in ready.json()["error"]
 

@@ -222,11 +222,7 @@ def test_redis_stopped_mid_run_degrades_and_recovers(
 
 def test_missing_model_path_stays_not_ready(server_factory: Callable[..., Any], tmp_path: Path) -> None:
     with server_factory({"MODEL_PATH": str(tmp_path / "nothing-here")}, ready=False) as server:
-        for _ in range(100):
-            ready = httpx.get(f"{server.url}/health/ready")
-            if ready.json()["status"] != "loading":
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        ready = server.wait_until_loaded()
         assert ready.status_code == 503
         assert ready.json()["status"] == "failed"
         assert "MODEL_PATH" in ready.json()["error"]
@@ -244,10 +240,6 @@ def test_corrupt_model_stays_not_ready(server_factory: Callable[..., Any], tmp_p
     (broken / "config.json").write_text((fast_model / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
     with server_factory({"MODEL_PATH": str(broken)}, ready=False) as server:
-        for _ in range(200):
-            ready = httpx.get(f"{server.url}/health/ready")
-            if ready.json()["status"] != "loading":
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        ready = server.wait_until_loaded()
         assert ready.status_code == 503
         assert "could not be loaded" in ready.json()["error"]

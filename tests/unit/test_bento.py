@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from bench.server import BIN, REPO, ROUTER_ENV, Server, free_port, wait_for
+from bench.server import BIN, REPO, ROUTER_ENV, Server, serve
 from router.config import Settings
 from tests.hub_standin import running_hub
 
@@ -212,40 +211,17 @@ def served_bento(bento: Path, bento_home: Path, tmp_path: Path, fast_model: Path
     hf_home = tmp_path / "hf_home"  # /home/bentoml/... in the image; the same variable, a writable folder here
     with running_hub() as (hub, endpoint):
         hub.add_folder("acme/router-tiny", fast_model)
-        env = {k: v for k, v in os.environ.items() if k not in ROUTER_ENV and not k.startswith("HF_")}
-        env.update(bentofile_envs())
-        env.update(
-            BENTOML_HOME=str(bento_home),
-            BENTOML_DO_NOT_TRACK="true",
-            HF_HOME=str(hf_home),
-            HF_ENDPOINT=endpoint,
-            HF_MODEL_ID="acme/router-tiny",
-            TOKENIZERS_PARALLELISM="false",
-            TORCH_THREADS="1",
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        )
-        port = free_port()
-        log_path = tmp_path / "bento-server.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(url, process, log_path, "/health/ready", timeout=180)
-            yield Server(url, process, log_path), hf_home
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        env = {
+            **bentofile_envs(),
+            "BENTOML_HOME": str(bento_home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "HF_HOME": str(hf_home),
+            "HF_ENDPOINT": endpoint,
+            "HF_MODEL_ID": "acme/router-tiny",
+            "HF_HUB_OFFLINE": "0",
+        }
+        with serve(env, tmp_path, target=str(bento), cwd=tmp_path) as server:
+            yield server, hf_home
 
 
 @pytest.mark.integration
