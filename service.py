@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from router.api import (
     ApiError,
+    ApiKeyGuard,
     BodyLimit,
     Classification,
     ClassificationBatch,
@@ -258,3 +259,7 @@ class QueryRouter:
             if exc.code == 503:
                 raise bentoml.exceptions.ServiceUnavailable(exc.message) from exc
             raise
+
+
+if settings.api_key:  # the whole app, BentoML's routes included; health and metrics stay open
+    QueryRouter.add_asgi_middleware(ApiKeyGuard, api_key=settings.api_key)  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ Errors always look like `{"error": {"code": 400|413|415|422|..., "status": "INVA
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import Annotated, Any
 
@@ -173,3 +174,29 @@ class RequestObserver:
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+
+
+class ApiKeyGuard:
+    """ASGI middleware: with API_KEY set, every route but health and metrics needs `Authorization: Bearer <key>`.
+
+    Health and metrics stay open so probes and Prometheus need no secret; the comparison is constant-time.
+    """
+
+    OPEN_PREFIXES = ("/health/", "/metrics", "/livez", "/readyz", "/healthz")
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.OPEN_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            headers = {"WWW-Authenticate": "Bearer"}
+            await error_response(401, "missing or wrong API key (Authorization: Bearer ...)", headers)(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     fast_label: str = Field("0", description="Label of the fast path in the model's id2label.")
     slow_label: str = Field("1", description="Label of the slow path in the model's id2label.")
 
+    # --- access ---
+    api_key: str | None = Field(None, description="When set, API routes need `Authorization: Bearer <API_KEY>`.")
+
     # --- logging ---
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field("console", description="Log line format.")

@@ -243,3 +243,23 @@ def test_corrupt_model_stays_not_ready(server_factory: Callable[..., Any], tmp_p
         ready = server.wait_until_loaded()
         assert ready.status_code == 503
         assert "could not be loaded" in ready.json()["error"]
+
+
+def test_api_key_guards_the_api_but_not_health_or_metrics(server_factory: Callable[..., Any], fast_model: Path) -> None:
+    with server_factory({"MODEL_PATH": str(fast_model), "API_KEY": "s3cret"}) as server:
+        denied = server.classify("hello")
+        assert denied.status_code == 401
+        assert denied.json()["error"]["status"] == "UNAUTHENTICATED"
+        assert denied.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.post(
+            f"{server.url}/v1/query-classify", json={"text": "hi"}, headers={"Authorization": "Bearer nope"}
+        )
+        assert wrong.status_code == 401
+        allowed = httpx.post(
+            f"{server.url}/v1/query-classify", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert allowed.status_code == 200
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        with bentoml.SyncHTTPClient(server.url, token="s3cret") as client:
+            assert client.classify(text="hi")["label"] == "0"
