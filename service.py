@@ -9,6 +9,7 @@ README § Architecture says why.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -102,6 +103,10 @@ class QueryRouter:
             log.error("model NOT loaded, service stays not ready: %s", self.load_error)
             return
         self.classifier = classifier
+        # Everything loaded so far (torch, transformers, the model) lives as long as the process: keep it out of the
+        # collector, whose full passes over it stalled a request for ~240 ms every few hundred requests.
+        gc.collect()
+        gc.freeze()
         self.metrics.model_ready.set(1)
         src = self.source
         self.metrics.model_info.labels(src.origin, src.name, classifier.identity, str(src.trained).lower()).set(1)

@@ -27,6 +27,7 @@ import psutil
 
 from bench.queries import QueryGenerator
 from bench.server import Server, serve
+from router.config import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
@@ -116,7 +117,6 @@ def single_request_latency(server: Server, texts: list[str], cached: bool) -> fl
 
 def model_alone(backend: str, texts: list[str], batch_size: int = 64, seconds: float = 15) -> float:
     """Queries/s of batched forward passes in this process, with the service's settings and backend."""
-    from router.config import Settings
     from router.inference import Classifier
     from router.model import resolve_model
 
@@ -134,7 +134,7 @@ def model_alone(backend: str, texts: list[str], batch_size: int = 64, seconds: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=15, help="Duration of each load scenario.")
-    parser.add_argument("--backend", default=os.environ.get("MODEL_BACKEND", "torch"))
+    parser.add_argument("--backend", default=os.environ.get("MODEL_BACKEND", Settings().model_backend))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")

@@ -101,6 +101,9 @@ def serve(
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ROUTER_ENV}
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TORCH_THREADS": "1"})
+    # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a server starts: servers sharing a home (tests run
+    # two side by side) would erase each other's metrics, so each one gets its own.
+    full_env["BENTOML_HOME"] = str(log_dir / f"bentoml-home-{port}")
     full_env.update(env)
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     log_path = log_dir / f"server-{port}.log"
