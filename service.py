@@ -78,6 +78,7 @@ class QueryRouter:
             breaker=Breaker(settings.redis_retry_sec),
         )
         self.flights = SingleFlight()
+        self.waiting = 0  # cache misses in flight (admission control: MAX_QUEUE)
         self.batcher: AdaptiveBatcher[Prediction] = AdaptiveBatcher(
             self.predict_texts, settings.max_batch_size, settings.max_latency_ms
         )
@@ -159,7 +160,14 @@ class QueryRouter:
         key = cache_key(self.classifier.identity, normalized)
         prediction = self.cache.get_l1(key)
         if prediction is None:
-            prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
+            if self.waiting >= self.settings.max_queue:  # shed now rather than queue past the latency budget
+                self.metrics.shed.inc()
+                raise ApiError(503, "overloaded: too many queries waiting for the model", {"Retry-After": "1"})
+            self.waiting += 1
+            try:
+                prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
+            finally:
+                self.waiting -= 1
         routed = route(
             prediction, self.settings.confidence_threshold, self.settings.fast_label, self.settings.slow_label
         )
@@ -174,6 +182,7 @@ class QueryRouter:
         try:
             [prediction] = await self.batcher.run([normalized])
         except Overloaded as exc:
+            self.metrics.shed.inc()
             raise ApiError(503, "overloaded: the model queue is full, retry shortly", {"Retry-After": "1"}) from exc
         except Exception as exc:
             log.exception("inference failed")

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass.")
     max_latency_ms: int = Field(1000, ge=1, le=60000, description="Latency budget BentoML's batcher keeps per request.")
 
+    max_queue: int = Field(
+        128, ge=1, description="Most cache misses waiting for the model at once; beyond it: 503 at once."
+    )
+
     # --- API ---
     max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters, after trimming).")
     max_batch_texts: int = Field(64, ge=1, le=1024, description="Most texts one call of the batch route takes.")

@@ -64,6 +64,9 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.shed = Counter(
+            "router_shed_total", "Queries answered 503 because the model queue was full.", registry=registry
+        )
         self.model_ready = Gauge(
             "router_model_ready",
             "1 once the model is loaded and warmed up.",

@@ -408,7 +408,8 @@ def test_prometheus_scrapes_the_router_and_the_pushgateway(
     classified = 'router_requests_total{job="router", route="/v1/query-classify", status="200"}'
     wait_for(lambda: values(prometheus_url, f"{classified} >= 3"), 30, "3 classify requests in Prometheus")
     assert values(prometheus_url, "router_model_ready") == [1.0]
-    assert values(prometheus_url, "up") == [1.0, 1.0]
+    # Both targets up (the pushgateway's first scrape can land a moment after the router's).
+    assert wait_for(lambda: values(prometheus_url, "up") == [1.0, 1.0], 15, "both targets up")
 
     # honor_labels: the pushed job and run_id survive the scrape, as the training dashboard selects them.
     loss = f'router_training_loss{{job="{TRAINING_JOB}", run_id="test-run"}}'
