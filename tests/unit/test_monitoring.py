@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from bench.server import free_port
 from router.metrics import RouterMetrics
 from training.pushgateway import JOB as TRAINING_JOB
 from training.pushgateway import METRIC_NAMES as TRAINING_METRICS
@@ -254,12 +254,6 @@ def test_every_alert_links_to_its_runbook_section() -> None:
 
 
 # --- a real Prometheus scraping a real router and a real Pushgateway -----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
