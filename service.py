@@ -59,7 +59,13 @@ metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML
 http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
 
 
-@bentoml.service(name="query_router", workers=1, threads=1, traffic={"timeout": 30})
+@bentoml.service(
+    name="query_router",
+    workers=1,
+    threads=1,
+    traffic={"timeout": 30},
+    logging={"access": {"enabled": settings.access_log, "skip_paths": ["/metrics", "/health/live", "/health/ready"]}},
+)
 @bentoml.asgi_app(http, path="/")
 class QueryRouter:
     def __init__(self) -> None:

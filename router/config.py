@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, API routes need `Authorization: Bearer <API_KEY>`.")
 
     # --- logging ---
+    access_log: bool = Field(True, description="BentoML's per-request access log lines (false saves CPU under load).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field("console", description="Log line format.")
 
