@@ -20,6 +20,16 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly.
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "dolly_sample.jsonl"
 
 
+def throughput(classifier: Classifier, texts: list[str], batch_size: int, seconds: float) -> float:
+    """Queries/s of batched forward passes over `texts`, repeated for at least `seconds`."""
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for i in range(0, len(texts), batch_size):
+            classifier.predict(texts[i : i + batch_size])
+            done += len(texts[i : i + batch_size])
+    return done / (time.perf_counter() - start)
+
+
 def measure(backend: str, texts: list[str], labels: list[str], batch_size: int, seconds: float) -> dict[str, object]:
     settings = Settings(model_backend=backend)  # type: ignore[arg-type]
     classifier = Classifier.load(resolve_model(settings), settings)
@@ -28,12 +38,7 @@ def measure(backend: str, texts: list[str], labels: list[str], batch_size: int, 
     for i in range(0, len(texts), batch_size):
         predictions += classifier.predict(texts[i : i + batch_size])
     accuracy = sum(p.label == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for i in range(0, len(texts), batch_size):
-            classifier.predict(texts[i : i + batch_size])
-            done += len(texts[i : i + batch_size])
-    rate = done / (time.perf_counter() - start)
+    rate = throughput(classifier, texts, batch_size, seconds)
     return {
         "backend": backend,
         "batch_size": batch_size,

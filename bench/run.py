@@ -130,18 +130,14 @@ def single_request_latency(server: Server, texts: list[str], cached: bool) -> fl
 
 def model_alone(backend: str, texts: list[str], batch_size: int = 64, seconds: float = 15) -> float:
     """Queries/s of batched forward passes in this process, with the service's settings and backend."""
+    from bench.backends import throughput
     from router.inference import Classifier
     from router.model import resolve_model
 
     settings = Settings(model_backend=backend)  # type: ignore[arg-type]
     classifier = Classifier.load(resolve_model(settings), settings)
     classifier.warm_up()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batch = texts[done % len(texts) : done % len(texts) + batch_size] or texts[:batch_size]
-        classifier.predict(batch)
-        done += len(batch)
-    return round(done / (time.perf_counter() - start), 1)
+    return round(throughput(classifier, texts, batch_size, seconds), 1)
 
 
 def main() -> None:

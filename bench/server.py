@@ -87,6 +87,17 @@ def wait_for(url: str, process: subprocess.Popen[bytes], log_path: Path, path: s
     raise TimeoutError(f"{url}{path} not 200 after {timeout} s:\n{log_path.read_text()[-4000:]}")
 
 
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM the process's whole group (bentoml serve forks workers), SIGKILL it if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @contextmanager
 def serve(
     env: dict[str, str],
@@ -121,9 +132,4 @@ def serve(
         wait_for(url, process, log_path, ready_path if ready else "/livez", timeout)
         yield Server(url, process, log_path)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from bench.server import free_port
+from bench.server import free_port, stop_process_group
 from router.metrics import RouterMetrics
 from training.pushgateway import JOB as TRAINING_JOB
 from training.pushgateway import METRIC_NAMES as TRAINING_METRICS
@@ -277,21 +276,10 @@ def start(args: list[str], log: Path, ready_url: str, timeout: float, **popen: A
                 f"{args[0]} exited ({proc.returncode}) before {ready_url} was ready:\n{log.read_text()[-3000:]}"
             )
         if time.monotonic() > deadline:
-            stop(proc)
+            stop_process_group(proc, timeout=15)
             pytest.fail(f"{ready_url} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.25)
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate the whole process group (bentoml serve forks workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_for(check: Any, timeout: float, what: str) -> Any:
@@ -321,7 +309,7 @@ def router_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env=env,
     )
     yield url
-    stop(proc)
+    stop_process_group(proc, timeout=15)
 
 
 @pytest.fixture
@@ -340,7 +328,7 @@ def pushgateway_url(tmp_path: Path) -> Iterator[str]:
         timeout=30,
     )
     yield url
-    stop(proc)
+    stop_process_group(proc, timeout=15)
 
 
 @pytest.fixture
@@ -370,7 +358,7 @@ def prometheus_url(router_url: str, pushgateway_url: str, tmp_path: Path) -> Ite
         timeout=30,
     )
     yield url
-    stop(proc)
+    stop_process_group(proc, timeout=15)
 
 
 def query(prometheus_url: str, promql: str) -> list[dict[str, Any]]:
