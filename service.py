@@ -16,7 +16,8 @@ from typing import Any
 import bentoml
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from router.api import (
@@ -38,7 +39,7 @@ from router.cache import Breaker, SingleFlight, TwoLevelCache, connect_redis
 from router.config import Settings
 from router.inference import Classifier
 from router.logs import configure_logging
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, exposition
 from router.model import ModelSource, resolve_model
 from router.routing import Prediction, route
 from router.text import cache_key, normalize
@@ -48,7 +49,12 @@ log = logging.getLogger("service")
 # Read at import: BentoML takes the batching parameters when the class below is defined.
 settings = Settings()
 ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, settings.max_batch_texts)
-ROUTES = frozenset({"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep"})
+ROUTES = frozenset(
+    {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
+)
+# BentoML wraps every request in an OpenTelemetry span even when no exporter is configured; that cost a third of the
+# CPU of a cached answer, so the API routes are traced only on request.
+UNTRACED = [] if settings.trace_requests else [*sorted(ROUTES), "/classify"]
 
 http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
 http.add_exception_handler(RequestValidationError, validation_error)
@@ -64,6 +70,10 @@ http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
     workers=1,
     threads=1,
     traffic={"timeout": 30},
+    tracing={"excluded_urls": UNTRACED},
+    # BentoML's request metrics label every series with the raw request path, so each unknown URL a scanner tries
+    # would add series for good; the router's own metrics (router.metrics) bound their labels and serve /metrics.
+    metrics={"enabled": False},
     logging={"access": {"enabled": settings.access_log, "skip_paths": ["/metrics", "/health/live", "/health/ready"]}},
 )
 @bentoml.asgi_app(http, path="/")
@@ -231,6 +241,11 @@ class QueryRouter:
             return JSONResponse({"status": "ready"})
         status = "failed" if self.load_error else "loading"
         return JSONResponse({"status": status, "error": self.load_error}, status_code=503)
+
+    @http.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(self) -> Response:
+        """Prometheus text format; collecting reads every worker's files, so it runs off the event loop."""
+        return Response(await asyncio.to_thread(exposition), media_type=CONTENT_TYPE_LATEST)
 
     @http.get("/health/deep")
     async def deep(self) -> dict[str, Any]:

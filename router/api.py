@@ -107,7 +107,7 @@ async def api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.code, exc.message, headers=exc.headers)
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """POST routes take JSON only: anything else is a 415 before the body is parsed."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -145,7 +145,8 @@ class BodyLimit:
 class RequestObserver:
     """ASGI middleware: `x-router-latency` (server-side ms) on every response, plus request count and latency metrics.
 
-    Paths outside `routes` are counted as "other" so clients cannot grow the metric's label set.
+    Paths outside `routes` are counted as "other" so clients cannot grow the metric's label set (BentoML's own request
+    metrics label by raw path, which is why the service turns them off).
     """
 
     def __init__(self, app: ASGIApp, metrics: Any, routes: frozenset[str]) -> None:
@@ -160,6 +161,8 @@ class RequestObserver:
         start = time.perf_counter()
         route = scope["path"] if scope["path"] in self.routes else "other"
         status = 500
+        in_progress = self.metrics.in_progress.labels(route)
+        in_progress.inc()
 
         async def timed_send(message: Message) -> None:
             nonlocal status
@@ -172,6 +175,7 @@ class RequestObserver:
         try:
             await self.app(scope, receive, timed_send)
         finally:
+            in_progress.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
 

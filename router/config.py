@@ -66,6 +66,9 @@ class Settings(BaseSettings):
 
     # --- logging ---
     access_log: bool = Field(True, description="BentoML's per-request access log lines (false saves CPU under load).")
+    trace_requests: bool = Field(
+        False, description="OpenTelemetry spans for the API routes (BentoML's tracing exporter settings apply)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field("console", description="Log line format.")
 

@@ -1,12 +1,15 @@
-"""Every Prometheus metric of the service, defined once.
+"""Every Prometheus metric of the service, defined once, and their exposition for `/metrics`.
 
 Under `bentoml serve`, prometheus_client runs in multiprocess mode (BentoML sets PROMETHEUS_MULTIPROC_DIR before the
-worker starts), so these values appear on BentoML's own `/metrics` beside its `bentoml_*` series.
+worker starts), so `/metrics` collects the values every worker wrote to that folder.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
@@ -27,6 +30,13 @@ class RouterMetrics:
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
+        )
+        self.in_progress = Gauge(
+            "router_requests_in_progress",
+            "HTTP requests being served, by route.",
+            ["route"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.cache_hits = Counter(
             "router_cache_hits_total", "Cache hits by level (l1, l2).", ["level"], registry=registry
@@ -80,3 +90,11 @@ class RouterMetrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The text format of every metric: all workers' values in multiprocess mode, else this process's registry."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    return bytes(generate_latest(registry))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,27 @@ def test_health_and_metrics(server: Server) -> None:
         "router_batch_size_bucket",
         "router_inference_duration_seconds_bucket",
         "router_model_ready",
+        "router_requests_in_progress",
     ):
         assert name in metrics
     assert server.metric("router_model_ready") == 1
     assert server.metric("router_requests_total", route="/v1/query-classify", status="200") >= 1
+    assert server.metric("router_requests_in_progress", route="/v1/query-classify") == 0
+
+
+def test_unknown_paths_do_not_grow_the_metrics(server: Server) -> None:
+    """A scanner's random URLs never add series (BentoML's own request metrics, labelled by path, are off)."""
+
+    def series() -> set[str]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+    httpx.get(f"{server.url}/scan-first")
+    series()  # the first scrape adds the /metrics route's own series
+    before = series()
+    for i in range(30):
+        assert httpx.get(f"{server.url}/scan-{i}-{uuid.uuid4().hex}").status_code == 404
+    assert series() == before
 
 
 def test_bentoml_python_client(server: Server) -> None:
