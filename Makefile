@@ -25,7 +25,7 @@ test: $(VENV)/.dev  ## install with dev extras, then run the whole suite
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy router service.py training bench locustfile.py
+	$(BIN)/mypy router service.py training bench scripts locustfile.py
 
 format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
