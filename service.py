@@ -24,6 +24,7 @@ from router.api import (
     ApiError,
     ApiKeyGuard,
     BodyLimit,
+    CancelOnDisconnect,
     Classification,
     ClassificationBatch,
     RequestObserver,
@@ -32,6 +33,7 @@ from router.api import (
     http_error,
     request_models,
     require_json,
+    service_options,
     validation_error,
 )
 from router.batching import AdaptiveBatcher, Overloaded
@@ -52,30 +54,18 @@ ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, 
 ROUTES = frozenset(
     {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
 )
-# BentoML wraps every request in an OpenTelemetry span even when no exporter is configured; that cost a third of the
-# CPU of a cached answer, so the API routes are traced only on request.
-UNTRACED = [] if settings.trace_requests else [*sorted(ROUTES), "/classify"]
 
 http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
 http.add_exception_handler(RequestValidationError, validation_error)
 http.add_exception_handler(HTTPException, http_error)
 http.add_exception_handler(ApiError, api_error)
 http.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+http.add_middleware(CancelOnDisconnect, paths=["/v1/query-classify", "/v1/query-classify:batch"])
 metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them
 http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
 
 
-@bentoml.service(
-    name="query_router",
-    workers=1,
-    threads=1,
-    traffic={"timeout": 30},
-    tracing={"excluded_urls": UNTRACED},
-    # BentoML's request metrics label every series with the raw request path, so each unknown URL a scanner tries
-    # would add series for good; the router's own metrics (router.metrics) bound their labels and serve /metrics.
-    metrics={"enabled": False},
-    logging={"access": {"enabled": settings.access_log, "skip_paths": ["/metrics", "/health/live", "/health/ready"]}},
-)
+@bentoml.service(name="query_router", **service_options(settings, [*ROUTES, "/classify"]))
 @bentoml.asgi_app(http, path="/")
 class QueryRouter:
     def __init__(self) -> None:
@@ -196,7 +186,7 @@ class QueryRouter:
         if cached is not None:
             return cached
         try:
-            [prediction] = await self.batcher.run([normalized])
+            prediction = await self.batcher.run(normalized)
         except Overloaded as exc:
             self.metrics.shed.inc()
             raise ApiError(503, "overloaded: the model queue is full, retry shortly", {"Retry-After": "1"}) from exc

@@ -1,20 +1,23 @@
-"""BentoML's own ceiling: the same service setup (one worker, FastAPI on BentoML, same request model) answering a
-constant. `python -m bench` measures it as the reference for the warm-cache path."""
+"""BentoML's own ceiling: the same service setup (the router's `service_options`, FastAPI on BentoML, same request
+model) answering a constant. `python -m bench` measures it as the reference for the warm-cache path."""
 
 from __future__ import annotations
 
 import bentoml
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.api import request_models
+from router.api import request_models, service_options
 from router.config import Settings
+from router.metrics import exposition
 
 settings = Settings()
 ClassifyRequest, _ = request_models(settings.max_text_chars, settings.max_batch_texts)
 http = FastAPI()
 
 
-@bentoml.service(name="trivial", workers=1, threads=1, traffic={"timeout": 30})
+@bentoml.service(name="trivial", **service_options(settings, ["/v1/query-classify", "/health/ready", "/metrics"]))
 @bentoml.asgi_app(http, path="/")
 class Trivial:
     @http.post("/v1/query-classify")
@@ -24,3 +27,8 @@ class Trivial:
     @http.get("/health/ready")
     async def ready(self) -> dict[str, str]:
         return {"status": "ready"}
+
+    @http.get("/metrics")
+    async def metrics(self) -> Response:
+        """Like the router's own /metrics (BentoML's are off in both); the benchmark reads it between scenarios."""
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -5,8 +5,10 @@ Errors always look like `{"error": {"code": 400|413|415|422|..., "status": "INVA
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -15,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router.config import Settings
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -180,6 +184,67 @@ class RequestObserver:
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client hung up before the answer": never sent, only recorded
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: when a client hangs up before its answer is sent, stop working on its request.
+
+    uvicorn keeps running a handler whose client has gone. Under overload, clients time out and retry, and the model
+    would spend its forward passes on answers nobody reads. Once the body is read, this middleware waits for uvicorn's
+    `http.disconnect` and cancels the handler: its texts leave the batch queue (router.batching) and the request is
+    recorded (access log, metrics) with status 499.
+    """
+
+    def __init__(self, app: ASGIApp, paths: Iterable[str]) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = asyncio.current_task()
+        if scope["type"] != "http" or scope["path"] not in self.paths or handler is None:
+            await self.app(scope, receive, send)
+            return
+        answered = client_gone = False
+        watcher: asyncio.Task[Message] | None = None
+
+        async def watch() -> Message:
+            nonlocal client_gone
+            message = await receive()  # blocks until the client disconnects or the response is complete
+            if message["type"] == "http.disconnect" and not answered:
+                client_gone = True
+                handler.cancel()
+            return message
+
+        async def body_receive() -> Message:
+            nonlocal watcher
+            if watcher is not None:  # the app asks again once the body is read: it gets the watcher's message
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def answer_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, body_receive, answer_send)
+        except asyncio.CancelledError:
+            if not client_gone or handler.cancelling() > 1:  # not (only) ours: the server is shutting down
+                raise
+            handler.uncancel()
+            # uvicorn drops whatever is sent to a closed connection; the outer middlewares see the status.
+            await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
 class ApiKeyGuard:
     """ASGI middleware: with API_KEY set, every route but health and metrics needs `Authorization: Bearer <key>`.
 
@@ -204,3 +269,23 @@ class ApiKeyGuard:
             )
             return
         await self.app(scope, receive, send)
+
+
+def service_options(settings: Settings, routes: Iterable[str]) -> dict[str, Any]:
+    """`@bentoml.service` options of the router; bench/trivial.py uses them too, so its ceiling is a fair reference.
+
+    BentoML wraps every request in an OpenTelemetry span even when no exporter is configured; that cost a third of
+    the CPU of a cached answer, so `routes` are traced only with TRACE_REQUESTS. BentoML's request metrics label every
+    series with the raw request path, so each unknown URL a scanner tries would add series for good: they are off,
+    and the router's own metrics (router.metrics, bounded labels) serve /metrics.
+    """
+    return {
+        "workers": 1,
+        "threads": 1,
+        "traffic": {"timeout": 30},
+        "tracing": {"excluded_urls": [] if settings.trace_requests else sorted(routes)},
+        "metrics": {"enabled": False},
+        "logging": {
+            "access": {"enabled": settings.access_log, "skip_paths": ["/metrics", "/health/live", "/health/ready"]}
+        },
+    }

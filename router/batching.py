@@ -10,13 +10,17 @@ their texts to the same dispatcher class directly: the same batching policy (max
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
 from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.40
 
 T = TypeVar("T")
+log = logging.getLogger("router.batching")
 
 
 class Overloaded(RuntimeError):
@@ -27,31 +31,72 @@ def _overloaded() -> Any:
     raise Overloaded("the model queue cannot meet MAX_LATENCY_MS")
 
 
+@dataclass
+class Queued:
+    """One text waiting in the dispatcher's queue; `abandoned` once its caller was cancelled (client gone)."""
+
+    text: str
+    abandoned: bool = False
+
+
 class AdaptiveBatcher(Generic[T]):
-    """`await batcher.run(items)`: concurrent calls are merged into one `predict_batch(all_items)` in a thread."""
+    """`await batcher.run(text)`: concurrent calls are merged into one `predict_batch(texts)` in a worker thread.
+
+    A caller that is cancelled while its text still waits in the queue leaves the next batch: the model never
+    spends a forward pass on an answer nobody will read.
+    """
 
     def __init__(self, predict_batch: Callable[[list[str]], list[T]], max_batch_size: int, max_latency_ms: int) -> None:
         self.predict_batch = predict_batch
         self.limiter = anyio.CapacityLimiter(1)  # one forward pass at a time; torch uses all cores for it
-        dispatcher: CorkDispatcher[list[str], list[T]] = CorkDispatcher(
+        dispatcher: CorkDispatcher[Queued, T | Exception | None] = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,
             fallback=_overloaded,
-            get_batch_size=len,
-            batch_dim=(0, 0),
+            get_batch_size=lambda _: 1,  # one text per call: the dispatcher never has to split one
         )
         self.dispatcher = dispatcher
-        self.run: Callable[[list[str]], Awaitable[list[T]]] = dispatcher(self._run_merged)  # type: ignore[assignment]
+        self.dispatch: Callable[[Queued], Awaitable[T]] = dispatcher(self._run_merged)  # type: ignore[assignment]
 
-    async def _run_merged(self, calls: Sequence[list[str]]) -> list[list[T]]:
-        merged = [item for call in calls for item in call]
-        results = await anyio.to_thread.run_sync(self.predict_batch, merged, limiter=self.limiter)
-        out: list[list[T]] = []
-        start = 0
-        for call in calls:
-            out.append(results[start : start + len(call)])
-            start += len(call)
+    async def run(self, text: str) -> T:
+        queued = Queued(text)
+        try:
+            return await self.dispatch(queued)
+        except Overloaded:
+            # CorkDispatcher answers every cancelled wait with its fallback, ours included: tell them apart.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                queued.abandoned = True
+                raise asyncio.CancelledError from None
+            raise
+
+    async def _run_merged(self, calls: Sequence[Queued]) -> list[T | Exception | None]:
+        """One forward pass for the texts still wanted. If it fails, each text is retried alone, so one text the
+        model cannot handle fails its own request only, not the others that shared its batch."""
+        wanted = [i for i, call in enumerate(calls) if not call.abandoned]
+        out: list[T | Exception | None] = [None] * len(calls)
+        if not wanted:
+            return out
+        try:
+            results: list[T | Exception] = list(await self._predict([calls[i].text for i in wanted]))
+        except Exception as exc:
+            if len(wanted) == 1:
+                raise
+            log.warning(
+                "a batch of %d failed (%s: %s); retrying its texts one by one", len(wanted), type(exc).__name__, exc
+            )
+            results = []
+            for i in wanted:
+                try:
+                    results.extend(await self._predict([calls[i].text]))
+                except Exception as single:  # the dispatcher raises an Exception result in its own caller only
+                    results.append(single)
+        for i, result in zip(wanted, results, strict=True):
+            out[i] = result
         return out
+
+    async def _predict(self, texts: list[str]) -> list[T]:
+        return await anyio.to_thread.run_sync(self.predict_batch, texts, limiter=self.limiter)
 
     def shutdown(self) -> None:
         self.dispatcher.shutdown()

@@ -172,12 +172,13 @@ def connect_redis(url: str, timeout_sec: float) -> Any:
 class SingleFlight:
     """Identical concurrent misses share one computation.
 
-    The computation runs as its own task, so a caller that goes away (client disconnect) neither cancels it for the
-    others nor leaves it half done: it finishes once and fills the cache.
+    The computation runs as its own task, so a caller that goes away (client disconnect) does not cancel it for the
+    others; when the last caller has gone, it is cancelled too, so no work is left running for nobody.
     """
 
     def __init__(self) -> None:
         self.running: dict[str, asyncio.Task[Any]] = {}
+        self.waiters: dict[asyncio.Task[Any], int] = {}
 
     async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
         task = self.running.get(key)
@@ -185,9 +186,20 @@ class SingleFlight:
             task = asyncio.ensure_future(compute())
             self.running[key] = task
             task.add_done_callback(lambda done: self._finish(key, done))
-        return await asyncio.shield(task)
+        self.waiters[task] = self.waiters.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self.waiters[task] == 1:
+                task.cancel()
+            raise
+        finally:
+            self.waiters[task] -= 1
+            if not self.waiters[task]:
+                del self.waiters[task]
 
     def _finish(self, key: str, task: asyncio.Task[Any]) -> None:
-        self.running.pop(key, None)
+        if self.running.get(key) is task:
+            del self.running[key]
         if not task.cancelled():
             task.exception()  # mark as retrieved: each waiter re-raises it itself

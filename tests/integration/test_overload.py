@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -45,3 +46,44 @@ def test_a_burst_past_capacity_is_shed_quickly(server_factory: Callable[..., Any
         # Rejections come back quickly instead of queueing behind the accepted work.
         assert shed_p50 < 2.0
         assert server.classify("after the burst").status_code == 200
+
+
+def test_clients_that_hang_up_leave_no_work_behind(server_factory: Callable[..., Any]) -> None:
+    """Twenty clients give up while the model is busy: their texts never reach the model, nothing stays in flight,
+    they are recorded as 499, and the server goes on answering."""
+    env = {
+        "MODEL_BACKEND": "torch",  # eager fp32 on the embedded model: slow enough to keep a queue for a second
+        "MAX_BATCH_SIZE": "2",
+        "MAX_BATCH_TEXTS": "200",
+        "MAX_BODY_BYTES": "1048576",
+        "MAX_LATENCY_MS": "60000",
+        "MAX_QUEUE": "1000",
+    }
+    with server_factory(env) as server:
+        texts_before = server.metric("router_batch_size_sum")
+        busy_texts = [f"busy query {i}: " + "lorem ipsum dolor sit amet " * 30 for i in range(200)]
+        url = f"{server.url}/v1/query-classify"
+
+        def give_up(i: int) -> bool:
+            try:
+                httpx.post(url, json={"text": f"abandoned query {i}"}, timeout=0.3)
+            except httpx.TimeoutException:
+                return True
+            return False
+
+        with ThreadPoolExecutor(max_workers=21) as pool:
+            busy = pool.submit(httpx.post, f"{url}:batch", json={"texts": busy_texts}, timeout=120)
+            time.sleep(0.3)  # the 200 busy texts are queued first
+            gave_up = list(pool.map(give_up, range(20)))
+            assert busy.result().status_code == 200
+        assert all(gave_up), "the model must still be busy when the clients give up"
+
+        deadline = time.monotonic() + 10
+        while server.metric("router_requests_in_progress", route="/v1/query-classify") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.metric("router_requests_in_progress", route="/v1/query-classify") == 0
+        assert server.metric("router_requests_total", route="/v1/query-classify", status="499") == 20
+        assert server.metric("router_batch_size_sum") - texts_before == 200  # the busy texts only
+        # Still serving; the abandoned text was never computed, so it is computed now.
+        assert server.classify("abandoned query 0").status_code == 200
+        assert server.metric("router_batch_size_sum") - texts_before == 201

@@ -151,3 +151,23 @@ async def test_single_flight_survives_a_cancelled_caller_and_shares_errors() -> 
 
     outcomes = await asyncio.gather(flights.run("e", broken), flights.run("e", broken), return_exceptions=True)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_single_flight_cancels_the_computation_when_every_caller_is_gone() -> None:
+    flights = SingleFlight()
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def compute() -> str:
+        started.set()
+        await asyncio.sleep(0.2)
+        finished.set()
+        return "nobody reads this"
+
+    callers = [asyncio.create_task(flights.run("k", compute)) for _ in range(3)]
+    await started.wait()
+    for caller in callers:
+        caller.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    await asyncio.sleep(0.3)
+    assert not finished.is_set()
+    assert flights.running == {} and flights.waiters == {}

@@ -1,0 +1,78 @@
+"""The in-process adaptive batcher (BentoML's CorkDispatcher): merging, abandoned callers, failing batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from router.batching import AdaptiveBatcher
+
+
+class RecordingModel:
+    """Stands in for the forward pass: upper-cases texts, records each batch, fails on "poison", can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        self.release.wait(5)
+        self.batches.append(texts)
+        if "poison" in texts:
+            raise RuntimeError("inference failed")
+        return [t.upper() for t in texts]
+
+
+async def test_concurrent_calls_share_batches_and_get_their_own_answers() -> None:
+    model = RecordingModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=5000)
+    texts = [f"q{i}" for i in range(20)]
+    assert await asyncio.gather(*(batcher.run(t) for t in texts)) == [t.upper() for t in texts]
+    assert sorted(t for batch in model.batches for t in batch) == sorted(texts)
+    assert max(len(b) for b in model.batches) > 1 and max(len(b) for b in model.batches) <= 8
+    batcher.shutdown()
+
+
+async def test_cancelled_callers_leave_the_queue_before_the_forward_pass() -> None:
+    model = RecordingModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=5000)
+    for i in range(12):  # the dispatcher's first calls calibrate its cost model one text at a time
+        await batcher.run(f"warm{i}")
+    model.batches.clear()
+    model.release.clear()  # the model is busy with the next batch...
+    busy = asyncio.create_task(batcher.run("busy"))
+    await asyncio.sleep(0.1)
+    gone = [asyncio.create_task(batcher.run(f"gone{i}")) for i in range(6)]  # ...while these queue behind it
+    kept = asyncio.create_task(batcher.run("kept"))
+    await asyncio.sleep(0.05)
+    for task in gone:
+        task.cancel()
+    await asyncio.sleep(0.01)
+    model.release.set()
+    assert await busy == "BUSY" and await kept == "KEPT"
+    assert all(t.cancelled() for t in gone)
+    assert [t for batch in model.batches for t in batch] == ["busy", "kept"]
+    batcher.shutdown()
+
+
+async def test_a_text_that_fails_the_forward_pass_fails_only_its_own_request() -> None:
+    model = RecordingModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=5000)
+    for i in range(12):
+        await batcher.run(f"warm{i}")
+    model.batches.clear()
+    model.release.clear()
+    busy = asyncio.create_task(batcher.run("busy"))
+    await asyncio.sleep(0.1)
+    texts = ["a", "b", "poison", "c", "d"]  # queued together behind "busy": one batch of five
+    calls = [asyncio.create_task(batcher.run(t)) for t in texts]
+    await asyncio.sleep(0.05)
+    model.release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert await busy == "BUSY"
+    assert model.batches[1] == texts  # they did share a batch, which failed as a whole...
+    assert [o for o in outcomes if not isinstance(o, Exception)] == ["A", "B", "C", "D"]  # ...and were retried alone
+    assert isinstance(outcomes[2], RuntimeError)
+    assert await batcher.run("after") == "AFTER"
+    batcher.shutdown()
