@@ -30,6 +30,7 @@ from router.api import (
     RequestObserver,
     api_error,
     check_text,
+    error_responses,
     http_error,
     request_models,
     require_json,
@@ -51,6 +52,7 @@ log = logging.getLogger("service")
 # Read at import: BentoML takes the batching parameters when the class below is defined.
 settings = Settings()
 ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, settings.max_batch_texts)
+API_ERRORS = (400, 401, 413, 415, 422, 500, 503)  # documented in the OpenAPI schema of both classify routes
 ROUTES = frozenset(
     {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
 )
@@ -203,6 +205,7 @@ class QueryRouter:
         response_model=Classification,
         response_model_exclude_none=True,
         dependencies=[Depends(require_json)],
+        responses=error_responses(*API_ERRORS),
     )
     async def query_classify(self, body: ClassifyRequest) -> Classification:  # type: ignore[valid-type]
         """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
@@ -215,6 +218,7 @@ class QueryRouter:
         response_model=ClassificationBatch,
         response_model_exclude_none=True,
         dependencies=[Depends(require_json)],
+        responses=error_responses(*API_ERRORS),
     )
     async def query_classify_batch(self, body: ClassifyBatchRequest) -> ClassificationBatch:  # type: ignore[valid-type]
         """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""

@@ -49,13 +49,21 @@ def error_response(code: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse(body, status_code=code, headers=headers)
 
 
+# "Not only whitespace" as a JSON-schema pattern, spelled out: `\S` means different sets in ECMA, Rust and Python
+# regexes. These are the characters str.isspace() (so str.strip(), which check_text uses) counts as whitespace.
+NOT_ONLY_WHITESPACE = r"[^\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
 def check_text(text: str, max_chars: int) -> str:
-    """Trimmed text of 1..max_chars characters that encodes as UTF-8 (no lone surrogates)."""
+    """Trimmed text, from a text of 1..max_chars characters with one that is not whitespace, valid as UTF-8.
+
+    The limit counts the text as sent, so the OpenAPI schema (maxLength, pattern) states exactly what is accepted.
+    """
+    if len(text) > max_chars:
+        raise ValueError(f"text has {len(text)} characters; the limit is {max_chars}")
     trimmed = text.strip()
     if not trimmed:
         raise ValueError("text must not be empty or whitespace only")
-    if len(trimmed) > max_chars:
-        raise ValueError(f"text has {len(trimmed)} characters after trimming; the limit is {max_chars}")
     try:
         trimmed.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -66,11 +74,13 @@ def check_text(text: str, max_chars: int) -> str:
 def request_models(max_chars: int, max_texts: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """Request models bound to the configured limits (so the OpenAPI schema shows the real ones)."""
     Text = Annotated[
-        str, Field(min_length=1, max_length=max_chars * 4), AfterValidator(lambda t: check_text(t, max_chars))
+        str,
+        Field(min_length=1, max_length=max_chars, json_schema_extra={"pattern": NOT_ONLY_WHITESPACE}),
+        AfterValidator(lambda t: check_text(t, max_chars)),
     ]
 
     class ClassifyRequest(BaseModel):
-        text: Text = Field(description=f"The query: 1..{max_chars} characters after trimming.")
+        text: Text = Field(description=f"The query: 1..{max_chars} characters, not only whitespace.")
         request_id: Annotated[str, Field(max_length=128)] | None = Field(None, description="Echoed back.")
 
     class ClassifyBatchRequest(BaseModel):
@@ -87,6 +97,32 @@ class Classification(BaseModel):
 
 class ClassificationBatch(BaseModel):
     results: list[Classification]
+
+
+class ErrorDetail(BaseModel):
+    code: int = Field(description="The HTTP status code.")
+    status: str = Field(description="Its name, e.g. INVALID_ARGUMENT, UNAVAILABLE.")
+    message: str = Field(description="What was wrong, for a person.")
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error answer (`error_response`)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route's error codes, all in the ErrorBody shape (FastAPI's own 422 included)."""
+    reasons = {
+        400: "The body is not valid JSON.",
+        401: "API_KEY is set and the Authorization: Bearer header is missing or wrong.",
+        413: "The body is larger than MAX_BODY_BYTES.",
+        415: "Content-Type is not JSON.",
+        422: "The body does not match the request schema.",
+        500: "Inference failed for this text.",
+        503: "The model is not ready, or the service is overloaded (see Retry-After).",
+    }
+    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
 
 
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:

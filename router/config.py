@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     )
 
     # --- API ---
-    max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters, after trimming).")
+    max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters as sent).")
     max_batch_texts: int = Field(64, ge=1, le=1024, description="Most texts one call of the batch route takes.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest accepted request body.")
 

@@ -84,8 +84,10 @@ def test_bad_input_gets_a_clear_4xx_and_caches_nothing(
     assert server.metric("router_decisions_total") == decisions
 
 
-def test_text_at_the_limit_is_accepted(server: Server) -> None:
-    assert server.classify("  " + "z" * 2048 + "  ").status_code == 200
+def test_the_limit_counts_the_text_as_sent(server: Server) -> None:
+    """MAX_TEXT_CHARS (2048) counts every character sent, so the schema's maxLength is exactly the rule."""
+    assert server.classify("  " + "z" * 2044 + "  ").status_code == 200
+    assert server.classify("  " + "z" * 2045 + "  ").status_code == 422
 
 
 def test_batch_route_answers_in_order_and_forms_batches(server: Server) -> None:

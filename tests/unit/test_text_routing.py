@@ -42,3 +42,23 @@ def test_cache_key_depends_on_model_and_text_and_hides_the_text() -> None:
 )
 def test_route(label: str, confidence: float, threshold: float, expected: str) -> None:
     assert route(Prediction(label, confidence), threshold, fast_label="0", slow_label="1") == expected
+
+
+def test_the_schema_pattern_for_text_is_exactly_what_check_text_accepts() -> None:
+    """The OpenAPI pattern and the server's check agree on every code point (schemathesis relies on it)."""
+    import re
+    import sys
+
+    from router.api import NOT_ONLY_WHITESPACE, check_text
+
+    pattern = re.compile(NOT_ONLY_WHITESPACE)
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue  # lone surrogates are refused on their own ground
+        try:
+            check_text(char, 10)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == bool(pattern.search(char)), hex(code)
