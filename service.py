@@ -52,6 +52,11 @@ log = logging.getLogger("service")
 # Read at import: BentoML takes the batching parameters when the class below is defined.
 settings = Settings()
 ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, settings.max_batch_texts)
+# A query of typical length (~60 tokens) for the batcher's first cost estimate; real passes refine it.
+CALIBRATION_TEXT = (
+    "Summarize the following paragraph for a busy reader in two sentences, keeping the names, the dates and the "
+    "numbers exactly as they are written, and leave out any opinion that the author states about the events."
+)
 API_ERRORS = (400, 401, 413, 415, 422, 500, 503)  # documented in the OpenAPI schema of both classify routes
 ROUTES = frozenset(
     {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
@@ -107,6 +112,7 @@ class QueryRouter:
             self.source = resolve_model(self.settings)
             classifier = Classifier.load(self.source, self.settings)
             classifier.warm_up()
+            self.batcher.calibrate(classifier.predict, CALIBRATION_TEXT)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model NOT loaded, service stays not ready: %s", self.load_error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from router.config import Settings
 from router.text import format_query
 from training.data import load_jsonl
 
@@ -24,7 +25,9 @@ class QueryGenerator:
 
     def __init__(self, seed: int = 0, path: Path | None = None) -> None:
         self.random = random.Random(seed)
-        self.texts = base_texts(path)
+        # Two dolly records are longer than MAX_TEXT_CHARS: they would be 422s, not load.
+        limit = Settings().max_text_chars - 64  # room for the opener and the tag
+        self.texts = [t for t in base_texts(path) if len(t) <= limit]
 
     def unique(self) -> str:
         text = self.random.choice(self.texts)

@@ -1,10 +1,10 @@
 """The benchmark: `python -m bench` starts the service on loopback and runs fixed, bounded scenarios.
 
-Scenarios: cold cache (every query new) at 1/16/64/150 concurrent clients, warm cache (a hot set of 200 queries, all
-cached) at 64. References measured in the same run: the model alone (batched forward passes in-process, the same
-backend) and BentoML's ceiling (`bench/trivial.py`, the same service setup answering a constant). Load comes from
-`wrk` (C, one thread, so the load generator leaves the server its CPU) with real dolly queries; the table goes to
-stdout and to bench/results/<time>.json and .md.
+Scenarios: cold cache (every query new) at 1/16/64/150 concurrent clients, stress (300 clients past saturation,
+retrying at once), warm cache (a hot set of 200 queries, all cached) at 64. References measured in the same run:
+the model alone (batched forward passes in-process, the same backend) and BentoML's ceiling (`bench/trivial.py`,
+the same service setup answering a constant). Load comes from `wrk` (C, one thread, so the load generator leaves
+the server its CPU) with real dolly queries; the table goes to stdout and to bench/results/<time>.json and .md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from router.config import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+WRK_STRESS_SCRIPT = Path(__file__).resolve().parent / "wrk_stress.lua"  # + server-side latency by outcome
 
 
 @dataclass
@@ -69,9 +70,9 @@ def write_bodies(texts: list[str], folder: Path, name: str) -> Path:
     return path
 
 
-def wrk(url: str, bodies: Path, clients: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, bodies: Path, clients: int, seconds: int, script: Path = WRK_SCRIPT) -> dict[str, float]:
     """One bounded wrk run; returns its JSON summary."""
-    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
     out = subprocess.run(command, env={**os.environ, "BODIES_FILE": str(bodies)}, capture_output=True, text=True)
     match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
     if not match:
@@ -92,12 +93,12 @@ def settle(server: Server, timeout: float = 30) -> None:
 
 
 def scenario(
-    server: Server, sampler: Sampler, name: str, bodies: Path, clients: int, seconds: int
+    server: Server, sampler: Sampler, name: str, bodies: Path, clients: int, seconds: int, script: Path = WRK_SCRIPT
 ) -> dict[str, object]:
     settle(server)
     batches0, texts0 = server.metric("router_batch_size_count"), server.metric("router_batch_size_sum")
     cpu0, wall0 = sampler.cpu_seconds(), time.perf_counter()
-    summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, seconds)
+    summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, seconds, script)
     cpu, wall = sampler.cpu_seconds() - cpu0, time.perf_counter() - wall0
     batches = server.metric("router_batch_size_count") - batches0
     texts = server.metric("router_batch_size_sum") - texts0
@@ -112,7 +113,11 @@ def scenario(
         "requests": int(summary["requests"]),
         "mean_batch": round(texts / batches, 1) if batches else None,
         "server_cpu_pct": round(100 * cpu / wall),
+        **{k: summary[k] for k in STRESS_KEYS if k in summary},
     }
+
+
+STRESS_KEYS = ("accepted", "shed", "accepted_server_p50_ms", "accepted_server_p99_ms", "shed_server_p50_ms")
 
 
 def single_request_latency(server: Server, texts: list[str], cached: bool) -> float:
@@ -164,6 +169,11 @@ def main() -> None:
             bodies = write_bodies([generator.unique() for _ in range(60000)], work, f"cold{clients}")
             rows.append(scenario(server, sampler, "cold", bodies, clients, args.seconds))
             print(json.dumps(rows[-1]), flush=True)
+        # Past saturation, clients that retry at once (wrk ignores Retry-After): how fast the excess is refused and
+        # what latency the accepted answers keep (server-side, x-router-latency, split by outcome).
+        bodies = write_bodies([generator.unique() for _ in range(60000)], work, "stress")
+        stress_row = scenario(server, sampler, "stress", bodies, 300, args.seconds, WRK_STRESS_SCRIPT)
+        print(json.dumps(stress_row), flush=True)
         hot = generator.hot_set(200)
         settle(server)  # the 150-client backlog must drain, or the preload below is shed
         for i in range(0, 200, 64):
@@ -184,6 +194,7 @@ def main() -> None:
     for row in rows:
         reference = facts["model_alone_qps"] if row["scenario"] == "cold" else facts["trivial_rps_64"]
         row["ratio_to_reference"] = round(float(row["rps"]) / float(reference), 2)  # type: ignore[arg-type]
+    facts["stress_300_clients"] = {k: stress_row[k] for k in STRESS_KEYS} | {"rps": stress_row["rps"]}
     report([*rows, trivial_row], facts)
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import statistics
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -44,10 +48,23 @@ class AdaptiveBatcher(Generic[T]):
 
     A caller that is cancelled while its text still waits in the queue leaves the next batch: the model never
     spends a forward pass on an answer nobody will read.
+
+    Admission: a text that the measured pace says cannot be answered within `max_latency_ms` is refused at once
+    (`Overloaded`), so a client past capacity gets its 503 in a millisecond instead of after waiting in the queue
+    (BentoML's dispatcher only cancels a request once it has waited past the budget), and the accepted ones keep
+    their latency.
     """
+
+    COST_WINDOW = 64  # forward passes the cost model is fitted on
 
     def __init__(self, predict_batch: Callable[[list[str]], list[T]], max_batch_size: int, max_latency_ms: int) -> None:
         self.predict_batch = predict_batch
+        self.max_batch_size = max_batch_size
+        self.budget_s = max_latency_ms / 1000
+        self.pending = 0  # texts queued or in the forward pass
+        self.in_flight = 0  # texts in the forward pass
+        self.passes: deque[tuple[int, float]] = deque(maxlen=self.COST_WINDOW)  # (texts, seconds) per pass
+        self.cost = (0.0, 0.0)  # seconds per forward pass + seconds per text; zero until one has run
         self.limiter = anyio.CapacityLimiter(1)  # one forward pass at a time; torch uses all cores for it
         dispatcher: CorkDispatcher[Queued, T | Exception | None] = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
@@ -58,8 +75,39 @@ class AdaptiveBatcher(Generic[T]):
         self.dispatcher = dispatcher
         self.dispatch: Callable[[Queued], Awaitable[T]] = dispatcher(self._run_merged)  # type: ignore[assignment]
 
+    def expected_wait_s(self) -> float:
+        """When a text queued now would be answered, by the fitted cost: the rest of the pass in flight, then the
+        passes for the texts queued ahead of it and for itself."""
+        per_pass, per_text = self.cost
+        in_flight = per_pass + per_text * self.in_flight if self.in_flight else 0.0
+        queued = self.pending - self.in_flight + 1
+        return in_flight + math.ceil(queued / self.max_batch_size) * per_pass + queued * per_text
+
+    def calibrate(self, predict: Callable[[list[str]], object], text: str) -> None:
+        """Seed the cost model before traffic (at load, in the loading thread): without it, a first burst would be
+        admitted whole, because no pass has been measured yet."""
+        for size in sorted({1, max(1, self.max_batch_size // 2), self.max_batch_size}):
+            start = time.perf_counter()
+            predict([text] * size)
+            self._record(size, time.perf_counter() - start)
+
+    def _record(self, texts: int, seconds: float) -> None:
+        """Fit `seconds = per_pass + per_text * texts` on the recent passes (proportional when sizes don't vary)."""
+        self.passes.append((texts, seconds))
+        sizes, durations = [p[0] for p in self.passes], [p[1] for p in self.passes]
+        if len(set(sizes)) > 1:
+            per_text, per_pass = statistics.linear_regression(sizes, durations)
+            if per_text > 0 and per_pass >= 0:
+                self.cost = (per_pass, per_text)
+                return
+        self.cost = (0.0, sum(durations) / sum(sizes))
+
     async def run(self, text: str) -> T:
+        # With nothing queued a text is always taken: the cost model must keep learning from real passes.
+        if self.pending and self.expected_wait_s() > self.budget_s:
+            raise Overloaded(f"the model queue would take {self.expected_wait_s():.2f} s, over MAX_LATENCY_MS")
         queued = Queued(text)
+        self.pending += 1
         try:
             return await self.dispatch(queued)
         except Overloaded:
@@ -69,6 +117,8 @@ class AdaptiveBatcher(Generic[T]):
                 queued.abandoned = True
                 raise asyncio.CancelledError from None
             raise
+        finally:
+            self.pending -= 1
 
     async def _run_merged(self, calls: Sequence[Queued]) -> list[T | Exception | None]:
         """One forward pass for the texts still wanted. If it fails, each text is retried alone, so one text the
@@ -96,7 +146,14 @@ class AdaptiveBatcher(Generic[T]):
         return out
 
     async def _predict(self, texts: list[str]) -> list[T]:
-        return await anyio.to_thread.run_sync(self.predict_batch, texts, limiter=self.limiter)
+        start = time.perf_counter()
+        self.in_flight = len(texts)
+        try:
+            results = await anyio.to_thread.run_sync(self.predict_batch, texts, limiter=self.limiter)
+        finally:
+            self.in_flight = 0
+        self._record(len(texts), time.perf_counter() - start)
+        return results
 
     def shutdown(self) -> None:
         self.dispatcher.shutdown()

@@ -36,7 +36,12 @@ class Settings(BaseSettings):
 
     # --- batching (BentoML adaptive batching of the model call) ---
     max_batch_size: int = Field(64, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass.")
-    max_latency_ms: int = Field(1000, ge=1, le=60000, description="Latency budget BentoML's batcher keeps per request.")
+    max_latency_ms: int = Field(
+        1000,
+        ge=1,
+        le=60000,
+        description="Latency budget of a cache miss: 503 at once when the model's pace can't meet it.",
+    )
 
     max_queue: int = Field(
         128, ge=1, description="Most cache misses waiting for the model at once; beyond it: 503 at once."

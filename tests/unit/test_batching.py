@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
-from router.batching import AdaptiveBatcher
+from router.batching import AdaptiveBatcher, Overloaded
 
 
 class RecordingModel:
     """Stands in for the forward pass: upper-cases texts, records each batch, fails on "poison", can be held."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_pass_s: float = 0.0, per_text_s: float = 0.0) -> None:
         self.batches: list[list[str]] = []
         self.release = threading.Event()
         self.release.set()
+        self.per_pass_s, self.per_text_s = per_pass_s, per_text_s
 
     def __call__(self, texts: list[str]) -> list[str]:
         self.release.wait(5)
+        time.sleep(self.per_pass_s + self.per_text_s * len(texts))
         self.batches.append(texts)
         if "poison" in texts:
             raise RuntimeError("inference failed")
@@ -75,4 +78,29 @@ async def test_a_text_that_fails_the_forward_pass_fails_only_its_own_request() -
     assert [o for o in outcomes if not isinstance(o, Exception)] == ["A", "B", "C", "D"]  # ...and were retried alone
     assert isinstance(outcomes[2], RuntimeError)
     assert await batcher.run("after") == "AFTER"
+    batcher.shutdown()
+
+
+async def test_past_its_budget_the_batcher_refuses_at_once_and_keeps_the_accepted_fast() -> None:
+    model = RecordingModel(per_pass_s=0.02, per_text_s=0.005)  # a pass of 4 texts: 40 ms
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=250)
+    for size in (1, 2, 3, 4, 1, 2, 3, 4):  # real passes of several sizes: the cost model is fitted on them
+        await asyncio.gather(*(batcher.run(f"warm{size}-{i}") for i in range(size)))
+    per_pass, per_text = batcher.cost
+    assert abs(per_pass - 0.02) < 0.01 and abs(per_text - 0.005) < 0.004
+
+    async def timed(i: int) -> tuple[bool, float]:
+        start = time.perf_counter()
+        try:
+            await batcher.run(f"burst{i}")
+            return True, time.perf_counter() - start
+        except Overloaded:
+            return False, time.perf_counter() - start
+
+    outcomes = await asyncio.gather(*(timed(i) for i in range(100)))
+    accepted = [t for ok, t in outcomes if ok]
+    refused = [t for ok, t in outcomes if not ok]
+    assert accepted and refused
+    assert max(refused) < 0.01  # refused at the door, not after waiting
+    assert max(accepted) < 0.25 + 0.05  # within the budget (plus a pass of scheduling slack)
     batcher.shutdown()
