@@ -192,6 +192,8 @@ def main() -> None:
     facts["model_alone_qps"] = model_alone(args.backend, generator.texts)
     facts["trivial_rps_64"] = trivial_row["rps"]
     for row in rows:
+        if row["errors"]:
+            continue  # a rate that counts 503s is no throughput
         reference = facts["model_alone_qps"] if row["scenario"] == "cold" else facts["trivial_rps_64"]
         row["ratio_to_reference"] = round(float(row["rps"]) / float(reference), 2)  # type: ignore[arg-type]
     facts["stress_300_clients"] = {k: stress_row[k] for k in STRESS_KEYS} | {"rps": stress_row["rps"]}

@@ -96,3 +96,23 @@ def test_redis_answering_errors_never_fails_a_request(
         assert server.metric("router_redis_up") == 1
         assert admin.dbsize() >= 1
     admin.close()
+
+
+def test_redis_down_at_start_then_started_is_picked_up(
+    server_factory: Callable[..., Any], fast_model: Path, redis_server: RedisServer
+) -> None:
+    redis_server.stop()  # nothing listens on its port when the service starts
+    env = {"MODEL_PATH": str(fast_model), "REDIS_URL": redis_server.url, "REDIS_RETRY_SEC": "0.2"}
+    with server_factory(env) as server:  # becomes ready without Redis
+        for i in range(5):
+            response = server.classify(f"no redis yet {i}")
+            assert response.status_code == 200 and response.json()["label"] == "0"
+        assert server.metric("router_redis_up") == 0
+        redis_server.start()
+        for i in range(40):  # the breaker's next probe finds it
+            server.classify(f"redis started {i}")
+            if server.metric("router_redis_up") == 1:
+                break
+            time.sleep(0.1)
+        assert server.metric("router_redis_up") == 1
+        assert redis.Redis(port=redis_server.port).dbsize() >= 1  # L2 is being filled now

@@ -82,12 +82,12 @@ async def test_a_text_that_fails_the_forward_pass_fails_only_its_own_request() -
 
 
 async def test_past_its_budget_the_batcher_refuses_at_once_and_keeps_the_accepted_fast() -> None:
-    model = RecordingModel(per_pass_s=0.02, per_text_s=0.005)  # a pass of 4 texts: 40 ms
-    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=250)
+    model = RecordingModel(per_pass_s=0.05, per_text_s=0.01)  # a pass of 4 texts: 90 ms
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=600)
     for size in (1, 2, 3, 4, 1, 2, 3, 4):  # real passes of several sizes: the cost model is fitted on them
         await asyncio.gather(*(batcher.run(f"warm{size}-{i}") for i in range(size)))
     per_pass, per_text = batcher.cost
-    assert abs(per_pass - 0.02) < 0.01 and abs(per_text - 0.005) < 0.004
+    assert 0.025 < per_pass < 0.075 and 0.005 < per_text < 0.02
 
     async def timed(i: int) -> tuple[bool, float]:
         start = time.perf_counter()
@@ -101,6 +101,6 @@ async def test_past_its_budget_the_batcher_refuses_at_once_and_keeps_the_accepte
     accepted = [t for ok, t in outcomes if ok]
     refused = [t for ok, t in outcomes if not ok]
     assert accepted and refused
-    assert max(refused) < 0.01  # refused at the door, not after waiting
-    assert max(accepted) < 0.25 + 0.05  # within the budget (plus a pass of scheduling slack)
+    assert max(refused) < 0.05  # refused at the door, not after waiting for a pass
+    assert max(accepted) < 0.6 + 0.1  # within the budget (plus scheduling slack)
     batcher.shutdown()
