@@ -31,7 +31,6 @@ from router.config import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
-WRK_STRESS_SCRIPT = Path(__file__).resolve().parent / "wrk_stress.lua"  # + server-side latency by outcome
 
 
 @dataclass
@@ -70,10 +69,11 @@ def write_bodies(texts: list[str], folder: Path, name: str) -> Path:
     return path
 
 
-def wrk(url: str, bodies: Path, clients: int, seconds: int, script: Path = WRK_SCRIPT) -> dict[str, float]:
-    """One bounded wrk run; returns its JSON summary."""
-    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
-    out = subprocess.run(command, env={**os.environ, "BODIES_FILE": str(bodies)}, capture_output=True, text=True)
+def wrk(url: str, bodies: Path, clients: int, seconds: int, by_outcome: bool = False) -> dict[str, float]:
+    """One bounded wrk run; returns its JSON summary (with server-side latency by outcome when `by_outcome`)."""
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    env = {**os.environ, "BODIES_FILE": str(bodies), "WRK_BY_OUTCOME": "1" if by_outcome else "0"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
     match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
     if not match:
         raise RuntimeError(f"wrk gave no summary:\n{out.stdout}\n{out.stderr}")
@@ -93,12 +93,12 @@ def settle(server: Server, timeout: float = 30) -> None:
 
 
 def scenario(
-    server: Server, sampler: Sampler, name: str, bodies: Path, clients: int, seconds: int, script: Path = WRK_SCRIPT
+    server: Server, sampler: Sampler, name: str, bodies: Path, clients: int, seconds: int, by_outcome: bool = False
 ) -> dict[str, object]:
     settle(server)
     batches0, texts0 = server.metric("router_batch_size_count"), server.metric("router_batch_size_sum")
     cpu0, wall0 = sampler.cpu_seconds(), time.perf_counter()
-    summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, seconds, script)
+    summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, seconds, by_outcome)
     cpu, wall = sampler.cpu_seconds() - cpu0, time.perf_counter() - wall0
     batches = server.metric("router_batch_size_count") - batches0
     texts = server.metric("router_batch_size_sum") - texts0
@@ -113,7 +113,7 @@ def scenario(
         "requests": int(summary["requests"]),
         "mean_batch": round(texts / batches, 1) if batches else None,
         "server_cpu_pct": round(100 * cpu / wall),
-        **{k: summary[k] for k in STRESS_KEYS if k in summary},
+        **({k: summary[k] for k in STRESS_KEYS} if by_outcome else {}),
     }
 
 
@@ -172,7 +172,7 @@ def main() -> None:
         # Past saturation, clients that retry at once (wrk ignores Retry-After): how fast the excess is refused and
         # what latency the accepted answers keep (server-side, x-router-latency, split by outcome).
         bodies = write_bodies([generator.unique() for _ in range(60000)], work, "stress")
-        stress_row = scenario(server, sampler, "stress", bodies, 300, args.seconds, WRK_STRESS_SCRIPT)
+        stress_row = scenario(server, sampler, "stress", bodies, 300, args.seconds, by_outcome=True)
         print(json.dumps(stress_row), flush=True)
         hot = generator.hot_set(200)
         settle(server)  # the 150-client backlog must drain, or the preload below is shed
