@@ -75,7 +75,9 @@ class RouterMetrics:
             registry=registry,
         )
         self.shed = Counter(
-            "router_shed_total", "Queries answered 503 because the model queue was full.", registry=registry
+            "router_shed_total",
+            "Queries answered 503: the model queue was full or could not answer within MAX_LATENCY_MS.",
+            registry=registry,
         )
         self.model_ready = Gauge(
             "router_model_ready",
