@@ -192,6 +192,8 @@ class SingleFlight:
         except asyncio.CancelledError:
             if self.waiters[task] == 1:
                 task.cancel()
+                if self.running.get(key) is task:  # a caller arriving now starts afresh, not on a cancelled task
+                    del self.running[key]
             raise
         finally:
             self.waiters[task] -= 1

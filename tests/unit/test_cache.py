@@ -171,3 +171,17 @@ async def test_single_flight_cancels_the_computation_when_every_caller_is_gone()
     await asyncio.sleep(0.3)
     assert not finished.is_set()
     assert flights.running == {} and flights.waiters == {}
+
+
+async def test_a_caller_arriving_after_every_other_left_gets_a_fresh_computation() -> None:
+    flights = SingleFlight()
+
+    async def compute() -> str:
+        await asyncio.sleep(0.05)
+        return "fresh"
+
+    gone = asyncio.create_task(flights.run("k", compute))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await asyncio.sleep(0)  # the cancelled computation has not finished yet when the next caller comes
+    assert await flights.run("k", compute) == "fresh"
