@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from router.api import (
+    ERROR_RESPONSES,
     ApiError,
     ApiKeyGuard,
     BodyLimit,
@@ -30,7 +31,6 @@ from router.api import (
     RequestObserver,
     api_error,
     check_text,
-    error_responses,
     http_error,
     request_models,
     require_json,
@@ -57,7 +57,6 @@ CALIBRATION_TEXT = (
     "Summarize the following paragraph for a busy reader in two sentences, keeping the names, the dates and the "
     "numbers exactly as they are written, and leave out any opinion that the author states about the events."
 )
-API_ERRORS = (400, 401, 413, 415, 422, 500, 503)  # documented in the OpenAPI schema of both classify routes
 ROUTES = frozenset(
     {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
 )
@@ -211,7 +210,7 @@ class QueryRouter:
         response_model=Classification,
         response_model_exclude_none=True,
         dependencies=[Depends(require_json)],
-        responses=error_responses(*API_ERRORS),
+        responses=ERROR_RESPONSES,
     )
     async def query_classify(self, body: ClassifyRequest) -> Classification:  # type: ignore[valid-type]
         """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
@@ -224,7 +223,7 @@ class QueryRouter:
         response_model=ClassificationBatch,
         response_model_exclude_none=True,
         dependencies=[Depends(require_json)],
-        responses=error_responses(*API_ERRORS),
+        responses=ERROR_RESPONSES,
     )
     async def query_classify_batch(self, body: ClassifyBatchRequest) -> ClassificationBatch:  # type: ignore[valid-type]
         """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""

@@ -54,13 +54,16 @@ class Sampler:
                 pass
         return total
 
+    def rss(self) -> int:
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
     def run(self) -> None:
         while not self.stop.wait(0.25):
-            rss = 0
-            for p in self.tree():
-                with contextlib.suppress(psutil.Error):
-                    rss += p.memory_info().rss
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_rss = max(self.peak_rss, self.rss())
 
 
 def write_bodies(texts: list[str], folder: Path, name: str) -> Path:

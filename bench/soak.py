@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import tempfile
@@ -64,14 +63,6 @@ async def slice_of_load(
     }
 
 
-def rss_mib(sampler: Sampler) -> float:
-    total = 0
-    for process in sampler.tree():
-        with contextlib.suppress(psutil.Error):
-            total += process.memory_info().rss
-    return round(total / 2**20, 1)
-
-
 async def soak(server: Server, args: argparse.Namespace) -> list[dict[str, Any]]:
     sampler = Sampler(psutil.Process(server.process.pid))
     generator = QueryGenerator(seed=2)
@@ -91,7 +82,7 @@ async def soak(server: Server, args: argparse.Namespace) -> list[dict[str, Any]]
             row = {
                 "t_s": round(time.perf_counter() - begin),
                 **row,
-                "rss_mib": rss_mib(sampler),
+                "rss_mib": round(sampler.rss() / 2**20, 1),
                 "l1_entries": deep["cache"]["l1_entries"],
             }
             rows.append(row)

@@ -111,18 +111,19 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for a route's error codes, all in the ErrorBody shape (FastAPI's own 422 included)."""
-    reasons = {
-        400: "The body is not valid JSON.",
-        401: "API_KEY is set and the Authorization: Bearer header is missing or wrong.",
-        413: "The body is larger than MAX_BODY_BYTES.",
-        415: "Content-Type is not JSON.",
-        422: "The body does not match the request schema.",
-        500: "Inference failed for this text.",
-        503: "The model is not ready, or the service is overloaded (see Retry-After).",
-    }
-    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
+ERROR_REASONS = {
+    400: "The body is not valid JSON.",
+    401: "API_KEY is set and the Authorization: Bearer header is missing or wrong.",
+    413: "The body is larger than MAX_BODY_BYTES.",
+    415: "Content-Type is not JSON.",
+    422: "The body does not match the request schema.",
+    500: "Inference failed for this text.",
+    503: "The model is not ready, or the service is overloaded (see Retry-After).",
+}
+# OpenAPI `responses` of the classify routes, all in the ErrorBody shape (FastAPI's own 422 included).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": reason} for code, reason in ERROR_REASONS.items()
+}
 
 
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:

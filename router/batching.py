@@ -104,8 +104,8 @@ class AdaptiveBatcher(Generic[T]):
 
     async def run(self, text: str) -> T:
         # With nothing queued a text is always taken: the cost model must keep learning from real passes.
-        if self.pending and self.expected_wait_s() > self.budget_s:
-            raise Overloaded(f"the model queue would take {self.expected_wait_s():.2f} s, over MAX_LATENCY_MS")
+        if self.pending and (wait := self.expected_wait_s()) > self.budget_s:
+            raise Overloaded(f"the model queue would take {wait:.2f} s, over MAX_LATENCY_MS")
         queued = Queued(text)
         self.pending += 1
         try:
