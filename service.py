@@ -92,7 +92,7 @@ class QueryRouter:
         self.flights = SingleFlight()
         self.waiting = 0  # cache misses in flight (admission control: MAX_QUEUE)
         self.batcher: AdaptiveBatcher[Prediction] = AdaptiveBatcher(
-            self.predict_texts, settings.max_batch_size, settings.max_latency_ms
+            self.predict_texts, settings.max_batch_size, settings.max_latency_ms, workers=settings.parallelism()[0]
         )
         self.source: ModelSource | None = None
         self.classifier: Classifier | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
-from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.40
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema  # pinned: bentoml==1.4.40
 
 T = TypeVar("T")
 log = logging.getLogger("router.batching")
@@ -44,7 +44,8 @@ class Queued:
 
 
 class AdaptiveBatcher(Generic[T]):
-    """`await batcher.run(text)`: concurrent calls are merged into one `predict_batch(texts)` in a worker thread.
+    """`await batcher.run(text)`: concurrent calls are merged into `predict_batch(texts)` calls, each in a worker
+    thread, up to `workers` of them at once.
 
     A caller that is cancelled while its text still waits in the queue leaves the next batch: the model never
     spends a forward pass on an answer nobody will read.
@@ -57,18 +58,27 @@ class AdaptiveBatcher(Generic[T]):
 
     COST_WINDOW = 64  # forward passes the cost model is fitted on
 
-    def __init__(self, predict_batch: Callable[[list[str]], list[T]], max_batch_size: int, max_latency_ms: int) -> None:
+    def __init__(
+        self,
+        predict_batch: Callable[[list[str]], list[T]],
+        max_batch_size: int,
+        max_latency_ms: int,
+        workers: int = 1,
+    ) -> None:
         self.predict_batch = predict_batch
         self.max_batch_size = max_batch_size
         self.budget_s = max_latency_ms / 1000
-        self.pending = 0  # texts queued or in the forward pass
-        self.in_flight = 0  # texts in the forward pass
+        self.workers = workers  # forward passes at once (MODEL_WORKERS), each in its own thread
+        self.pending = 0  # texts queued or in a forward pass
+        self.in_flight = 0  # texts in forward passes
+        self.running = 0  # forward passes running
         self.passes: deque[tuple[int, float]] = deque(maxlen=self.COST_WINDOW)  # (texts, seconds) per pass
         self.cost = (0.0, 0.0)  # seconds per forward pass + seconds per text; zero until one has run
-        self.limiter = anyio.CapacityLimiter(1)  # one forward pass at a time; torch uses all cores for it
+        self.limiter = anyio.CapacityLimiter(workers)
         dispatcher: CorkDispatcher[Queued, T | Exception | None] = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,
+            shared_sema=NonBlockSema(workers),  # the dispatcher starts a new batch while a worker is free
             fallback=_overloaded,
             get_batch_size=lambda _: 1,  # one text per call: the dispatcher never has to split one
         )
@@ -76,12 +86,16 @@ class AdaptiveBatcher(Generic[T]):
         self.dispatch: Callable[[Queued], Awaitable[T]] = dispatcher(self._run_merged)  # type: ignore[assignment]
 
     def expected_wait_s(self) -> float:
-        """When a text queued now would be answered, by the fitted cost: the rest of the pass in flight, then the
-        passes for the texts queued ahead of it and for itself."""
+        """When a text queued now would be answered, by the fitted cost: until a worker is free (a pass of average
+        size in flight, when all are busy), then the passes that hold the queued texts and this one, spread over
+        the workers (a free worker takes everything queued, up to the batch size)."""
         per_pass, per_text = self.cost
-        in_flight = per_pass + per_text * self.in_flight if self.in_flight else 0.0
+        busy = self.running >= self.workers
+        until_free = per_pass + per_text * self.in_flight / self.running if busy else 0.0
         queued = self.pending - self.in_flight + 1
-        return in_flight + math.ceil(queued / self.max_batch_size) * per_pass + queued * per_text
+        passes = math.ceil(queued / self.max_batch_size)
+        rounds = math.ceil(passes / self.workers)
+        return until_free + rounds * per_pass + queued * per_text / min(passes, self.workers)
 
     def calibrate(self, predict: Callable[[list[str]], object], text: str) -> None:
         """Seed the cost model before traffic (at load, in the loading thread): without it, a first burst would be
@@ -146,13 +160,16 @@ class AdaptiveBatcher(Generic[T]):
         return out
 
     async def _predict(self, texts: list[str]) -> list[T]:
-        start = time.perf_counter()
-        self.in_flight = len(texts)
+        self.in_flight += len(texts)
+        self.running += 1
         try:
-            results = await anyio.to_thread.run_sync(self.predict_batch, texts, limiter=self.limiter)
+            async with self.limiter:  # taken here, so the pass's time below excludes a wait for a free worker
+                start = time.perf_counter()
+                results = await anyio.to_thread.run_sync(self.predict_batch, texts)
+                self._record(len(texts), time.perf_counter() - start)
         finally:
-            self.in_flight = 0
-        self._record(len(texts), time.perf_counter() - start)
+            self.in_flight -= len(texts)
+            self.running -= 1
         return results
 
     def shutdown(self) -> None:

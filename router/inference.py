@@ -9,10 +9,10 @@ HTTP in the same process does not slow inference down; README § Performance has
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,16 @@ class Classifier:
     tensors: str  # what the tokenizer returns for `forward`: "pt" (torch) or "np" (ONNX Runtime)
     identity: str
     group_size: int = 8  # with the length rule, 8/16/32 measured within 5 % (README § Performance)
+    # Forward passes run side by side (MODEL_WORKERS) and share the tokenizer. Fast tokenizers raised "Already
+    # borrowed" when called from two threads (huggingface/transformers#47085; not reproduced with the pinned
+    # version in 4,000 calls from 16 threads); the lock keeps any tokenizer safe at no measured cost.
+    tokenize_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, source: ModelSource, settings: Settings) -> Classifier:
         import torch
 
-        threads = settings.torch_threads or os.cpu_count() or 1
+        _, threads = settings.parallelism()
         torch.set_num_threads(threads)
         model, tokenizer = load_model(source)
         backend = settings.model_backend
@@ -144,9 +148,10 @@ class Classifier:
         return [r for r in results if r is not None]
 
     def _forward(self, texts: list[str]) -> list[Prediction]:
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors=self.tensors
-        )
+        with self.tokenize_lock:
+            encoded = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors=self.tensors
+            )
         logits = self.forward(encoded).astype(np.float64)
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probabilities = exp / exp.sum(axis=-1, keepdims=True)

@@ -52,3 +52,15 @@ def test_identity_differs_per_backend(embedded: ModelSource) -> None:
     a = Classifier.load(embedded, Settings(model_backend="torch")).identity
     b = Classifier.load(embedded, Settings(model_backend="onnx-int8")).identity
     assert a != b  # int8 answers differ slightly, so they never share cache entries
+
+
+def test_forward_passes_side_by_side_give_the_answers_of_one_at_a_time(embedded: ModelSource) -> None:
+    """MODEL_WORKERS > 1 runs `predict` from several threads on one classifier (one tokenizer, one session)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    classifier = Classifier.load(embedded, Settings(model_backend="onnx-int8", model_workers=2, torch_threads=1))
+    batches = [QUERIES[i:] + QUERIES[:i] for i in range(len(QUERIES))] * 8
+    alone = [classifier.predict(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(classifier.predict, batches))
+    assert together == alone

@@ -104,3 +104,38 @@ async def test_past_its_budget_the_batcher_refuses_at_once_and_keeps_the_accepte
     assert max(refused) < 0.05  # refused at the door, not after waiting for a pass
     assert max(accepted) < 0.6 + 0.1  # within the budget (plus scheduling slack)
     batcher.shutdown()
+
+
+async def test_with_two_workers_two_passes_run_at_once() -> None:
+    model = RecordingModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=5000, workers=2)
+    for i in range(12):
+        await batcher.run(f"warm{i}")
+    model.batches.clear()
+    model.release.clear()  # every pass blocks until released
+    first = asyncio.create_task(batcher.run("first"))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(batcher.run("second"))  # a worker is free: it does not wait behind "first"
+    await asyncio.sleep(0.1)
+    assert batcher.running == 2 and batcher.in_flight == 2
+    third = [asyncio.create_task(batcher.run(f"third{i}")) for i in range(3)]  # both busy: these queue
+    await asyncio.sleep(0.1)
+    assert batcher.running == 2 and batcher.pending == 5
+    model.release.set()
+    assert await first == "FIRST" and await second == "SECOND"
+    assert await asyncio.gather(*third) == ["THIRD0", "THIRD1", "THIRD2"]
+    assert sorted(model.batches[-1]) == ["third0", "third1", "third2"]  # one pass, once a worker was free
+    assert batcher.running == 0 and batcher.in_flight == 0 and batcher.pending == 0
+    batcher.shutdown()
+
+
+def test_expected_wait_counts_the_busy_workers_and_spreads_the_queue_over_them() -> None:
+    batcher = AdaptiveBatcher(RecordingModel(), max_batch_size=4, max_latency_ms=5000, workers=2)
+    batcher.cost = (0.1, 0.01)
+    assert abs(batcher.expected_wait_s() - (0.1 + 0.01)) < 1e-9  # idle: one pass of its own
+    batcher.pending, batcher.in_flight, batcher.running = 10, 4, 2  # both workers busy with 2 texts each, 6 queued
+    # until a worker is free (a pass of 2), then 7 texts in 2 passes, one on each worker
+    assert abs(batcher.expected_wait_s() - ((0.1 + 0.02) + 0.1 + 7 * 0.01 / 2)) < 1e-9
+    batcher.pending, batcher.in_flight, batcher.running = 5, 2, 1  # a worker is free: it takes the 3 queued + this
+    assert abs(batcher.expected_wait_s() - (0.1 + 4 * 0.01)) < 1e-9
+    batcher.shutdown()

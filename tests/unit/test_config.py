@@ -63,3 +63,15 @@ def test_readme_documents_every_setting() -> None:
         default = "" if field.default is None else str(field.default)
         row = f"| `{name.upper()}` | " + (f"`{default}`" if default else "")
         assert row in readme, f"README's configuration table lacks {name.upper()} with default {default!r}"
+
+
+def test_parallelism_gives_each_core_a_single_threaded_forward_pass_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings().parallelism() == (2, 1)
+    assert Settings(model_workers=1).parallelism() == (1, 2)
+    assert Settings(model_workers=1, torch_threads=3).parallelism() == (1, 3)
+    assert Settings(model_device="cuda").parallelism() == (1, 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert Settings().parallelism() == (8, 4)
