@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from router.config import Settings
@@ -20,14 +21,22 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly.
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "dolly_sample.jsonl"
 
 
-def throughput(classifier: Classifier, texts: list[str], batch_size: int, seconds: float) -> float:
-    """Queries/s of batched forward passes over `texts`, repeated for at least `seconds`."""
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for i in range(0, len(texts), batch_size):
-            classifier.predict(texts[i : i + batch_size])
-            done += len(texts[i : i + batch_size])
-    return done / (time.perf_counter() - start)
+def throughput(classifier: Classifier, texts: list[str], batch_size: int, seconds: float, workers: int = 1) -> float:
+    """Queries/s of batched forward passes over `texts` for `seconds`, `workers` threads side by side (as the
+    service runs them, MODEL_WORKERS)."""
+    done, start = [0] * workers, time.perf_counter()
+
+    def work(worker: int) -> None:
+        i = worker * batch_size
+        while time.perf_counter() - start < seconds:
+            batch = texts[i % len(texts) : i % len(texts) + batch_size]
+            classifier.predict(batch)
+            done[worker] += len(batch)
+            i += batch_size * workers
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(workers)))
+    return sum(done) / (time.perf_counter() - start)
 
 
 def measure(backend: str, texts: list[str], labels: list[str], batch_size: int, seconds: float) -> dict[str, object]:
@@ -38,7 +47,7 @@ def measure(backend: str, texts: list[str], labels: list[str], batch_size: int, 
     for i in range(0, len(texts), batch_size):
         predictions += classifier.predict(texts[i : i + batch_size])
     accuracy = sum(p.label == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
-    rate = throughput(classifier, texts, batch_size, seconds)
+    rate = throughput(classifier, texts, batch_size, seconds, workers=settings.parallelism()[0])
     return {
         "backend": backend,
         "batch_size": batch_size,

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     )
 
     # --- batching (BentoML adaptive batching of the model call) ---
-    max_batch_size: int = Field(64, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass.")
+    max_batch_size: int = Field(
+        32, ge=2, le=1024, description="Largest batch BentoML forms for one forward pass (one worker's)."
+    )
     max_latency_ms: int = Field(
         1000,
         ge=1,

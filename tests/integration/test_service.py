@@ -140,7 +140,7 @@ def test_health_and_metrics(server: Server) -> None:
     assert deep["model"]["source"] == "path" and deep["model"]["trained"] is True  # type: ignore[index]
     assert deep["model"]["labels"] == {"0": "0", "1": "1"}  # type: ignore[index]
     assert deep["cache"]["l2_configured"] is False  # type: ignore[index]
-    assert deep["batching"] == {"max_batch_size": 64, "max_latency_ms": 1000}
+    assert deep["batching"] == {"max_batch_size": 32, "max_latency_ms": 1000}
     assert deep["confidence_threshold"] == 0.7
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in (
