@@ -274,6 +274,8 @@ class QueryRouter:
             "batching": {
                 "max_batch_size": self.settings.max_batch_size,
                 "max_latency_ms": self.settings.max_latency_ms,
+                "workers": self.batcher.workers,
+                "threads_per_worker": self.settings.parallelism()[1],
             },
             "confidence_threshold": self.settings.confidence_threshold,
         }

@@ -13,6 +13,7 @@ import bentoml
 import httpx
 import pytest
 
+from router.config import Settings
 from tests.conftest import RedisServer, Server
 
 pytestmark = pytest.mark.integration
@@ -133,6 +134,8 @@ def test_identical_concurrent_misses_run_the_model_once(server: Server) -> None:
 
 
 def test_health_and_metrics(server: Server) -> None:
+    probe = f"metrics probe {uuid.uuid4()}"  # a miss, then a hit: the labelled counters below exist once used
+    assert [server.classify(probe).status_code for _ in range(2)] == [200, 200]
     assert httpx.get(f"{server.url}/health/live").json() == {"status": "alive"}
     assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready"}
     deep = server.deep()
@@ -140,7 +143,13 @@ def test_health_and_metrics(server: Server) -> None:
     assert deep["model"]["source"] == "path" and deep["model"]["trained"] is True  # type: ignore[index]
     assert deep["model"]["labels"] == {"0": "0", "1": "1"}  # type: ignore[index]
     assert deep["cache"]["l2_configured"] is False  # type: ignore[index]
-    assert deep["batching"] == {"max_batch_size": 32, "max_latency_ms": 1000}
+    workers, threads = Settings(torch_threads=1).parallelism()  # the test servers run with TORCH_THREADS=1
+    assert deep["batching"] == {
+        "max_batch_size": 32,
+        "max_latency_ms": 1000,
+        "workers": workers,
+        "threads_per_worker": threads,
+    }
     assert deep["confidence_threshold"] == 0.7
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in (
