@@ -74,11 +74,11 @@ class AdaptiveBatcher(Generic[T]):
         self.running = 0  # forward passes running
         self.passes: deque[tuple[int, float]] = deque(maxlen=self.COST_WINDOW)  # (texts, seconds) per pass
         self.cost = (0.0, 0.0)  # seconds per forward pass + seconds per text; zero until one has run
-        self.limiter = anyio.CapacityLimiter(workers)
         dispatcher: CorkDispatcher[Queued, T | Exception | None] = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,
-            shared_sema=NonBlockSema(workers),  # the dispatcher starts a new batch while a worker is free
+            # At most `workers` batches at once: the dispatcher starts one only while a worker is free.
+            shared_sema=NonBlockSema(workers),
             fallback=_overloaded,
             get_batch_size=lambda _: 1,  # one text per call: the dispatcher never has to split one
         )
@@ -163,10 +163,9 @@ class AdaptiveBatcher(Generic[T]):
         self.in_flight += len(texts)
         self.running += 1
         try:
-            async with self.limiter:  # taken here, so the pass's time below excludes a wait for a free worker
-                start = time.perf_counter()
-                results = await anyio.to_thread.run_sync(self.predict_batch, texts)
-                self._record(len(texts), time.perf_counter() - start)
+            start = time.perf_counter()
+            results = await anyio.to_thread.run_sync(self.predict_batch, texts)
+            self._record(len(texts), time.perf_counter() - start)
         finally:
             self.in_flight -= len(texts)
             self.running -= 1
