@@ -68,6 +68,8 @@ def test_readme_documents_every_setting() -> None:
 def test_parallelism_gives_each_core_a_single_threaded_forward_pass_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for name in ("MODEL_WORKERS", "TORCH_THREADS", "MODEL_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert Settings().parallelism() == (2, 1)
     assert Settings(model_workers=1).parallelism() == (1, 2)
