@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-length", type=int, default=128, help="Token limit of a training text.")
+    parser.add_argument(
+        "--num-layers", type=int, help="Keep only the base's first N transformer layers (a faster model); default: all."
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seeds the split, the head's init and the shuffling.")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
@@ -76,8 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> Any:
     """The base model with a fresh 2-label head; wrapped in a LoRA adapter for `--method lora`."""
+    # num_hidden_layers=N loads the first N layers and drops the rest; the saved config records N, so the service
+    # loads the same truncated architecture.
+    layers = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone_path(args.base_model), num_labels=2, id2label=data.ID2LABEL, label2id=data.LABEL2ID
+        backbone_path(args.base_model), num_labels=2, id2label=data.ID2LABEL, label2id=data.LABEL2ID, **layers
     )
     if args.method == "full":
         return model

@@ -67,6 +67,19 @@ def test_default_lora_run_writes_the_embedded_adapter_folder(tmp_path: Path) -> 
     assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
 
 
+def test_num_layers_keeps_the_first_layers_and_the_service_loads_the_same_truncated_model(tmp_path: Path) -> None:
+    report = run(tmp_path, "--num-layers", "2", "--max-epochs", "1")
+    folder = tmp_path / "model"
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 2
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    layers = {k.split("layer.")[1].split(".")[0] for k in keys if "layer." in k}
+    assert layers == {"0", "1"}
+    assert report["hyperparameters"]["num_layers"] == 2
+    served = validation_accuracy_as_served(folder, max_length=64)
+    assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
+
+
 def test_full_fine_tune_of_a_distilbert_saves_a_plain_model_folder(tmp_path: Path, fast_model: Path) -> None:
     report = run(tmp_path, "--base-model", str(fast_model), "--method", "full", "--max-epochs", "1")
     folder = tmp_path / "model"
