@@ -8,9 +8,15 @@ from pydantic import ValidationError
 from router.config import Settings
 
 
-def test_defaults_match_the_documented_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MODEL_PATH", "HF_MODEL_ID", "REDIS_URL", "CONFIDENCE_THRESHOLD", "CACHE_L1_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.fixture
+def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset every variable Settings reads, so a developer's shell cannot change the defaults under test."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.mark.usefixtures("no_settings_env")
+def test_defaults_match_the_documented_values() -> None:
     s = Settings()
     assert (s.cache_l1_size, s.cache_l1_ttl_sec, s.cache_l2_ttl_sec) == (10000, 300, 3600)
     assert s.confidence_threshold == 0.7
@@ -65,11 +71,10 @@ def test_readme_documents_every_setting() -> None:
         assert row in readme, f"README's configuration table lacks {name.upper()} with default {default!r}"
 
 
+@pytest.mark.usefixtures("no_settings_env")
 def test_parallelism_gives_each_core_a_single_threaded_forward_pass_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("MODEL_WORKERS", "TORCH_THREADS", "MODEL_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert Settings().parallelism() == (2, 1)
     assert Settings(model_workers=1).parallelism() == (1, 2)
