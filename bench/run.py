@@ -158,12 +158,15 @@ def main() -> None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     generator = QueryGenerator(seed=1)
-    env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0"}
+    env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0", "ONNX_CACHE_DIR": str(work / "onnx-cache")}
     rows: list[dict[str, object]] = []
     facts: dict[str, object] = {"backend": args.backend, "cpus": os.cpu_count(), "seconds_per_scenario": args.seconds}
 
     start = time.perf_counter()
-    with serve(env, work) as server:
+    with serve(env, work):  # the first start of a model exports its graph (ONNX backends) into the empty cache
+        facts["first_start_to_ready_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    with serve(env, work) as server:  # every later start reads it
         facts["start_to_ready_s"] = round(time.perf_counter() - start, 1)
         sampler = Sampler(psutil.Process(server.process.pid))
         threading.Thread(target=sampler.run, daemon=True).start()

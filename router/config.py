@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_length: int = Field(
         128, ge=8, le=512, description="Token limit per text (= training length); longer is truncated."
     )
+    onnx_cache_dir: str = Field(
+        "~/.cache/query-router/onnx",
+        description="Exported ONNX graphs are kept here, so a restart skips the export; empty disables the cache.",
+    )
     model_workers: int = Field(
         0, ge=0, le=64, description="Forward passes run side by side; 0 = one per CPU core (at most 8), 1 on a GPU."
     )

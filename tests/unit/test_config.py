@@ -22,6 +22,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert s.confidence_threshold == 0.7
     assert s.redis_url is None and s.model_path is None
     assert (s.fast_label, s.slow_label) == ("0", "1")
+    assert s.onnx_cache_dir == "~/.cache/query-router/onnx"
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:

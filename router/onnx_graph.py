@@ -1,0 +1,166 @@
+"""The model as an ONNX Runtime session: exported (and int8-quantized) once, then read from disk on later starts.
+
+Exporting and quantizing took about 3.5 s of a 15 s start, and importing what they need (torch, peft, torch.onnx,
+onnxruntime.quantization) most of the rest. So the exported graph, the tokenizer and the labels are kept in
+`ONNX_CACHE_DIR`, under a key made of the model's content hash and the versions of every library that shaped the
+graph: a start that finds its entry imports neither torch nor peft (README § Performance has the times). An entry
+is written whole or not at all (a folder renamed into place), and one that cannot be read is exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENTRY_FORMAT = 1  # bump when what an entry holds, or how it is exported, changes
+# Libraries whose version can change the exported graph, the quantized weights or the tokenizer's output.
+GRAPH_LIBRARIES = ("torch", "transformers", "peft", "onnx", "onnxruntime", "tokenizers")
+# Texts the cached tokenizer must encode exactly like the model's own before an entry is written.
+PROBE_TEXTS = [
+    "Classify each of the following as a mammal or a bird: dog, eagle, whale",
+    "Summarize this.\n\nThe Amazon is the largest rainforest on Earth, spanning nine countries.",
+    "ÀÉÎ Ñ straße 中文 😀 \u202e",
+    "",
+    "word " * 300,
+]
+
+
+@dataclass
+class OnnxModel:
+    """What serving needs from an exported model."""
+
+    session: Any  # onnxruntime.InferenceSession
+    tokenizer: Any
+    input_names: list[str]
+    labels: dict[int, str]
+    from_cache: bool
+
+
+def entry_key(identity: str) -> str:
+    """Cache key: the model's identity (content hash, backend, max length) and the graph libraries' versions."""
+    versions = []
+    for name in GRAPH_LIBRARIES:
+        try:
+            versions.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}:absent")
+    return hashlib.sha256(f"{ENTRY_FORMAT}:{identity}:{','.join(versions)}".encode()).hexdigest()[:24]
+
+
+def open_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal CPU
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_onnx_model(source: Any, identity: str, int8: bool, threads: int, cache_dir: str) -> OnnxModel:
+    """The session for `source` (a `router.model.ModelSource`): from the cache entry when one is usable, else
+    exported now (and stored, when `cache_dir` is set and writable)."""
+    if not cache_dir:
+        with tempfile.TemporaryDirectory(prefix="query-router-onnx-") as tmp:  # the session keeps the graph
+            return export(source, Path(tmp), int8, threads)
+    entry = Path(cache_dir).expanduser() / entry_key(identity)
+    if entry.is_dir():
+        try:
+            return read_entry(entry, threads)
+        except Exception as exc:  # a truncated file, a half-deleted folder: export again, replace the entry
+            log.warning("ONNX cache entry %s unusable (%s: %s); exporting again", entry, type(exc).__name__, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{uuid.uuid4().hex[:8]}-", dir=entry.parent))
+    except OSError as exc:
+        log.warning("ONNX_CACHE_DIR %s not writable (%s); exporting without caching", cache_dir, exc)
+        return load_onnx_model(source, identity, int8, threads, cache_dir="")
+    try:
+        model = export(source, staging, int8, threads)
+        if not tokenizer_round_trips(model.tokenizer, staging):
+            log.warning("tokenizer of %s does not round-trip through tokenizer.json; graph not cached", source.path)
+            return model
+        try:
+            staging.rename(entry)  # atomic: a reader never sees half an entry
+            log.info("ONNX graph exported and cached in %s", entry)
+        except OSError as exc:  # another worker renamed its entry first, or the disk is full
+            log.warning("ONNX graph not cached in %s: %s", entry, exc)
+        return model
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
+    """Export to ONNX (dynamic batch and sequence axes), optionally quantize per channel, write the entry files."""
+    import torch
+
+    from router.model import load_model
+
+    model, tokenizer = load_model(source)
+    # Graph inputs follow forward()'s parameter order, and input_names are given positionally: keep that order.
+    names = [p for p in inspect.signature(model.forward).parameters if p in tokenizer.model_input_names]
+    example = tokenizer(["warm-up query", "a second, longer warm-up query"], padding=True, return_tensors="pt")
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    fp32 = folder / "model.fp32.onnx"
+    torch.onnx.export(
+        model, (), str(fp32), kwargs={n: example[n] for n in names}, input_names=names, output_names=["logits"],
+        dynamic_axes=axes, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(fp32, folder / "model.onnx", weight_type=QuantType.QInt8, per_channel=True)
+        fp32.unlink()
+    else:
+        fp32.rename(folder / "model.onnx")
+    labels = {int(i): str(name) for i, name in model.config.id2label.items()}
+    if getattr(tokenizer, "is_fast", False):
+        tokenizer.save_pretrained(folder / "tokenizer")
+    meta = {
+        "format": ENTRY_FORMAT,
+        "input_names": names,
+        "labels": labels,
+        "tokenizer_inputs": tokenizer.model_input_names,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return OnnxModel(open_session(folder / "model.onnx", threads), tokenizer, names, labels, from_cache=False)
+
+
+def read_entry(entry: Path, threads: int) -> OnnxModel:
+    """Everything from the entry: the graph, the tokenizer as a generic fast tokenizer (no model class, so no torch
+    import), the labels."""
+    meta = json.loads((entry / "meta.json").read_text())
+    if meta["format"] != ENTRY_FORMAT:
+        raise ValueError(f"entry format {meta['format']}, expected {ENTRY_FORMAT}")
+    tokenizer = cached_tokenizer(entry, meta["tokenizer_inputs"])
+    labels = {int(i): str(name) for i, name in meta["labels"].items()}
+    session = open_session(entry / "model.onnx", threads)
+    log.info("ONNX graph read from cache %s", entry)
+    return OnnxModel(session, tokenizer, list(meta["input_names"]), labels, from_cache=True)
+
+
+def cached_tokenizer(folder: Path, input_names: list[str]) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer", model_input_names=input_names)
+
+
+def tokenizer_round_trips(tokenizer: Any, folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` encodes the probe texts exactly like the model's own tokenizer."""
+    if not (folder / "tokenizer" / "tokenizer.json").is_file():
+        return False
+    saved = cached_tokenizer(folder, list(tokenizer.model_input_names))
+    options: dict[str, Any] = {"padding": True, "truncation": True, "max_length": 512}
+    return bool(saved(PROBE_TEXTS, **options).data == tokenizer(PROBE_TEXTS, **options).data)

@@ -1,0 +1,86 @@
+"""The ONNX graph cache: a restart reads the exported graph instead of exporting again, and never trusts a bad entry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.config import Settings
+from router.inference import Classifier
+from router.model import ModelSource, resolve_model
+
+REPO = Path(__file__).resolve().parents[2]
+QUERIES = [
+    "Write a short poem about autumn leaves falling.",
+    "Classify each of the following as a mammal or a bird: dog, eagle, whale, sparrow",
+    "Summarize the following paragraph.\n\nThe Amazon is the largest rainforest on Earth. It spans nine "
+    "countries and is home to millions of species of insects, plants, birds and other forms of life.",
+]
+# A fresh interpreter, as at a restart: load the default model, report the answers and what it had to import.
+RESTART = """
+import json, sys
+from router.config import Settings
+from router.inference import Classifier
+from router.model import resolve_model
+settings = Settings()
+classifier = Classifier.load(resolve_model(settings), settings)
+answers = [[p.label, p.confidence] for p in classifier.predict(json.loads(sys.argv[1]))]
+print(json.dumps({"answers": answers, "imported": sorted({"torch", "peft"} & set(sys.modules))}))
+"""
+
+
+def answers(source: ModelSource, cache: Path | str, backend: str = "onnx-int8") -> list[tuple[str, float]]:
+    settings = Settings(onnx_cache_dir=str(cache), model_backend=backend)  # type: ignore[arg-type]
+    return [(p.label, p.confidence) for p in Classifier.load(source, settings).predict(QUERIES)]
+
+
+def test_a_restart_reads_the_exported_graph_without_importing_torch(tmp_path: Path) -> None:
+    exported = answers(resolve_model(Settings()), tmp_path)
+    entries = list(tmp_path.iterdir())
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"model.onnx", "meta.json", "tokenizer"}
+    env = {**os.environ, "ONNX_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    for name in ("MODEL_PATH", "HF_MODEL_ID", "MODEL_BACKEND"):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", RESTART, json.dumps(QUERIES)], env=env, capture_output=True, text=True, check=True
+    )
+    restarted = json.loads(out.stdout.strip().splitlines()[-1])
+    assert restarted["imported"] == []  # neither torch nor peft: that is what makes the restart fast
+    assert [(label, pytest.approx(c, abs=1e-6)) for label, c in exported] == [tuple(a) for a in restarted["answers"]]
+    assert [label for label, _ in exported] == ["1", "0", "0"]
+    assert list(tmp_path.iterdir()) == entries  # read, not written again
+
+
+def test_an_unreadable_entry_is_exported_again(
+    fast_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = ModelSource(path=fast_model, origin="path", name="tiny")
+    first = answers(source, tmp_path)
+    (entry,) = tmp_path.iterdir()
+    size = (entry / "model.onnx").stat().st_size
+    (entry / "model.onnx").write_bytes(b"not a graph")  # a truncated write, a disk error
+    with caplog.at_level(logging.WARNING, logger="router.onnx_graph"):
+        assert answers(source, tmp_path) == first
+    assert "unusable" in caplog.text
+    assert (entry / "model.onnx").stat().st_size == size
+    answers(source, tmp_path, backend="onnx")  # fp32 and int8 graphs answer differently: separate entries
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_an_unwritable_cache_dir_costs_only_the_export(
+    fast_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    source = ModelSource(path=fast_model, origin="path", name="tiny")
+    with caplog.at_level(logging.WARNING, logger="router.onnx_graph"):
+        cached = answers(source, blocker / "cache")
+    assert "not writable" in caplog.text
+    assert cached == answers(source, "")  # and an empty ONNX_CACHE_DIR exports every time, writing nothing
+    assert [label for label, _ in cached] == ["0", "0", "0"]
