@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from router.text import format_query
 
@@ -91,6 +92,27 @@ def split(examples: list[Example], seed: int, validation: float = 0.1, test: flo
         rest, test_size=validation / (1 - test), random_state=seed, stratify=rest_labels
     )
     return Splits(train=train_part, validation=validation_part, test=test_part)
+
+
+def folds(examples: list[Example], k: int, seed: int) -> Iterator[tuple[list[int], Splits]]:
+    """Stratified k-fold: each fold is the test part once, and a validation part the same size is held out of the rest.
+
+    Yields the test part's indices into `examples` with the three parts, so out-of-fold predictions can be put back
+    in record order.
+    """
+    labels = [example.label for example in examples]
+    for rest, test_part in StratifiedKFold(k, shuffle=True, random_state=seed).split(examples, labels):
+        train_part, validation_part = train_test_split(
+            list(rest), test_size=1 / (k - 1), random_state=seed, stratify=[labels[i] for i in rest]
+        )
+        yield (
+            test_part.tolist(),
+            Splits(
+                train=[examples[i] for i in train_part],
+                validation=[examples[i] for i in validation_part],
+                test=[examples[i] for i in test_part],
+            ),
+        )
 
 
 def data_hash(records: list[dict[str, str]]) -> str:

@@ -44,8 +44,9 @@ LORA_TARGETS = {"bert": ["query", "key", "value", "dense"]}
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The training options; `training.crossval` adds its own to the same set."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, type=Path, help="Folder the trained model is written to.")
     parser.add_argument("--data", help="Local dolly JSONL file; default: the Hub dataset " + data.HUB_DATASET)
     parser.add_argument(
@@ -74,7 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-interval", type=int, default=10, help="Steps between logged/pushed step metrics.")
     parser.add_argument("--run-id", help="Pushgateway grouping key and report id (default: a new random id).")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default.")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -140,14 +145,71 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def learning_rate(args: argparse.Namespace) -> float:
+    return args.learning_rate or (5e-4 if args.method == "lora" else 5e-5)
+
+
+def encode(tokenizer: Any, examples: list[data.Example], max_length: int) -> Dataset:
+    """Tokenized examples, unpadded: the collator pads each batch to its longest text."""
+    dataset = Dataset.from_dict({"text": [e.text for e in examples], "label": [e.label for e in examples]})
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+def fit(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    train_examples: list[data.Example],
+    validation_examples: list[data.Example],
+    checkpoints: str,
+    callbacks: list[Any],
+) -> Trainer:
+    """A fresh model trained on `train_examples`, holding the epoch with the lowest validation loss."""
+    set_seed(args.seed)
+    training_args = TrainingArguments(
+        output_dir=checkpoints,
+        num_train_epochs=args.max_epochs,
+        learning_rate=learning_rate(args),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of all training steps
+        lr_scheduler_type="linear",
+        weight_decay=args.weight_decay,
+        max_grad_norm=1.0,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=args.patience + 1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=args.log_interval,
+        train_sampling_strategy="group_by_length",
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+    )
+    trainer = Trainer(
+        model=build_model(args),
+        args=training_args,
+        train_dataset=encode(tokenizer, train_examples, args.max_length),
+        eval_dataset=encode(tokenizer, validation_examples, args.max_length),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience), *callbacks],
+    )
+    trainer.train()
+    return trainer
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train, keep the epoch with the lowest validation loss, save it with its training_report.json."""
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_seed(args.seed)
     run_id = args.run_id or uuid.uuid4().hex[:12]
-    learning_rate = args.learning_rate or (5e-4 if args.method == "lora" else 5e-5)
 
     records = data.load_records(args.data)
     in_scope, out_of_scope = data.to_examples(records)
@@ -155,53 +217,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     train_examples = splits.train[: args.max_train_examples] if args.max_train_examples else splits.train
 
     tokenizer = AutoTokenizer.from_pretrained(backbone_path(args.base_model))
-    model = build_model(args)
-
-    def encode(examples: list[data.Example]) -> Dataset:
-        dataset = Dataset.from_dict({"text": [e.text for e in examples], "label": [e.label for e in examples]})
-        return dataset.map(
-            lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_length),
-            batched=True,
-            remove_columns=["text"],
-        )
-
-    callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=args.patience)]
-    if args.pushgateway_url:
-        callbacks.append(PushgatewayCallback(TrainingMetrics(args.pushgateway_url, run_id)))
-
+    callbacks = [PushgatewayCallback(TrainingMetrics(args.pushgateway_url, run_id))] if args.pushgateway_url else []
     with tempfile.TemporaryDirectory(prefix="router-train-") as checkpoints:
-        training_args = TrainingArguments(
-            output_dir=checkpoints,
-            num_train_epochs=args.max_epochs,
-            learning_rate=learning_rate,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64,
-            warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of all training steps
-            lr_scheduler_type="linear",
-            weight_decay=args.weight_decay,
-            max_grad_norm=1.0,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            save_total_limit=args.patience + 1,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            greater_is_better=False,
-            logging_steps=args.log_interval,
-            train_sampling_strategy="group_by_length",
-            seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
-            report_to="none",
-        )
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=encode(train_examples),
-            eval_dataset=encode(splits.validation),
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-        )
-        train_output = trainer.train()
+        trainer = fit(args, tokenizer, train_examples, splits.validation, checkpoints, callbacks)
         validation = trainer.evaluate()
         best_checkpoint = trainer.state.best_model_checkpoint
         history = trainer.state.log_history
@@ -225,13 +243,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "hyperparameters": {
             key: value for key, value in vars(args).items() if key not in {"output_dir", "pushgateway_url", "run_id"}
         }
-        | {"learning_rate": learning_rate, "data": str(args.data) if args.data else None},
+        | {"learning_rate": learning_rate(args), "data": str(args.data) if args.data else None},
         "metrics": {
             "best_validation": {k: validation[f"eval_{k}"] for k in ("loss", "accuracy", "f1")},
             "epochs_run": trainer.state.epoch,
             "best_epoch": _checkpoint_epoch(history, best_checkpoint),
             "global_steps": trainer.state.global_step,
-            "train_loss": train_output.training_loss,
+            "train_loss": _train_loss(history),
             "epochs": [
                 {"epoch": entry["epoch"]} | {k: entry[f"eval_{k}"] for k in ("loss", "accuracy", "f1")}
                 for entry in history
@@ -244,6 +262,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     (args.output_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _train_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over the whole run (the Trainer logs it once, when training ends)."""
+    return next((entry["train_loss"] for entry in reversed(history) if "train_loss" in entry), None)
 
 
 def _checkpoint_epoch(history: list[dict[str, Any]], checkpoint: str | None) -> float | None:

@@ -74,3 +74,18 @@ def test_data_hash_names_the_exact_records() -> None:
     changed = [dict(records[0], instruction=records[0]["instruction"] + "?"), *records[1:]]
     assert data.data_hash(changed) != data.data_hash(records)
     assert len(data.data_hash(records)) == 64
+
+
+def test_folds_test_every_example_once_and_keep_each_folds_parts_disjoint() -> None:
+    in_scope, _ = data.to_examples(data.load_jsonl(SAMPLE))
+    folds = list(data.folds(in_scope, k=4, seed=7))
+    assert len(folds) == 4
+    tested = sorted(i for indices, _ in folds for i in indices)
+    assert tested == list(range(len(in_scope)))  # each example is in exactly one test part
+    for indices, splits in folds:
+        assert splits.test == [in_scope[i] for i in indices]
+        parts = [splits.train, splits.validation, splits.test]
+        assert sorted(e.text for part in parts for e in part) == sorted(e.text for e in in_scope)
+        assert abs(len(splits.validation) - len(splits.test)) <= 1  # validation is the size of one fold
+        assert {e.label for e in splits.test} == {0, 1}
+    assert [i for i, _ in folds] == [i for i, _ in data.folds(in_scope, k=4, seed=7)]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from router.config import Settings
 from router.inference import Classifier
 from router.model import BACKBONE_ID, ModelSource, holds_model
-from training import data, train
+from training import crossval, data, train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "dolly_sample.jsonl"
 
@@ -112,3 +112,26 @@ def test_same_data_and_seed_give_the_same_model(tmp_path: Path, fast_model: Path
     ).read_bytes()
     assert first["metrics"]["best_validation"] == second["metrics"]["best_validation"]
     assert first["data"] == second["data"]
+
+
+def test_crossval_predicts_every_record_once_with_a_model_that_never_saw_it(tmp_path: Path, fast_model: Path) -> None:
+    args = ["--output-dir", str(tmp_path), "--data", str(SAMPLE), "--batch-size", "8", "--max-length", "64"]
+    args += ["--base-model", str(fast_model), "--method", "full", "--max-epochs", "1", "--folds", "3"]
+    report = crossval.crossval(crossval.parse_args(args))
+    assert report == json.loads((tmp_path / "crossval_report.json").read_text())
+    splits = data.split(data.to_examples(data.load_jsonl(SAMPLE))[0], seed=42)
+    pool = splits.train + splits.validation  # the test split is never predicted
+    assert report["data"]["crossvalidated"] == len(pool) == 36 and report["data"]["test_split_left_out"] == 5
+    assert sum(report["model"]["per_label"][k]["support"] for k in "01") == len(pool)
+    assert len(report["fold_accuracy"]) == 3
+    # The disagreement list is exactly the out-of-fold errors, and the fold accuracies add up to the overall one.
+    errors = len(report["disagreements"])
+    assert report["model"]["accuracy"] == pytest.approx(1 - errors / len(pool))
+    fold_sizes = [len(indices) for indices, _ in data.folds(pool, 3, 42)]
+    assert sum(a * n for a, n in zip(report["fold_accuracy"], fold_sizes, strict=True)) == pytest.approx(
+        len(pool) - errors
+    )
+    test_texts = {e.text[:300] for e in splits.test}
+    assert not any(row["text"] in test_texts for row in report["disagreements"])
+    for row in report["disagreements"]:
+        assert (row["p_slow"] >= 0.5) != (row["label"] == data.SLOW)
