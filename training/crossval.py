@@ -16,6 +16,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer
 from router.config import Settings
 from router.model import backbone_path
 from training import data, evaluate, train
+from training.pushgateway import PushgatewayCallback, TrainingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,14 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
     examples = held_out.train + held_out.validation  # the test split stays unseen: it is the final check
     tokenizer = AutoTokenizer.from_pretrained(backbone_path(args.base_model))
 
+    run_id = args.run_id or uuid.uuid4().hex[:12]
     p_slow = np.zeros(len(examples))
     fold_accuracy = []
     for fold, (test_indices, splits) in enumerate(data.folds(examples, args.folds, args.seed)):
+        url = args.pushgateway_url  # each fold is a run of its own on the training dashboard
+        callbacks = [PushgatewayCallback(TrainingMetrics(url, f"{run_id}-fold{fold + 1}"))] if url else []
         with tempfile.TemporaryDirectory(prefix="router-crossval-") as checkpoints:
-            trainer = train.fit(args, tokenizer, splits.train, splits.validation, checkpoints, callbacks=[])
+            trainer = train.fit(args, tokenizer, splits.train, splits.validation, checkpoints, callbacks)
         p_slow[test_indices] = predict_slow(trainer.model, tokenizer, [e.text for e in splits.test], args.max_length)
         fold_accuracy.append(float(np.mean((p_slow[test_indices] >= 0.5) == [e.label for e in splits.test])))
         log.info("fold %d/%d: test accuracy %.4f", fold + 1, args.folds, fold_accuracy[-1])
@@ -82,11 +87,11 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
         if wrong
     ]
     report = {
+        "run_id": run_id,
         "folds": args.folds,
         "base_model": args.base_model,
         "method": args.method,
-        "hyperparameters": {k: v for k, v in vars(args).items() if k not in {"output_dir", "pushgateway_url", "run_id"}}
-        | {"learning_rate": train.learning_rate(args), "data": str(args.data) if args.data else None},
+        "hyperparameters": train.hyperparameters(args),
         "data": {
             "sha256": data.data_hash(records),
             "records": len(records),

@@ -149,6 +149,12 @@ def learning_rate(args: argparse.Namespace) -> float:
     return args.learning_rate or (5e-4 if args.method == "lora" else 5e-5)
 
 
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that shape the model, for a report (where the output goes and what it is called do not)."""
+    recorded = {k: v for k, v in vars(args).items() if k not in {"output_dir", "pushgateway_url", "run_id"}}
+    return recorded | {"learning_rate": learning_rate(args), "data": str(args.data) if args.data else None}
+
+
 def encode(tokenizer: Any, examples: list[data.Example], max_length: int) -> Dataset:
     """Tokenized examples, unpadded: the collator pads each batch to its longest text."""
     dataset = Dataset.from_dict({"text": [e.text for e in examples], "label": [e.label for e in examples]})
@@ -240,10 +246,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "split_sizes": splits.sizes() | {"train_used": len(train_examples)},
             "train_token_lengths": token_lengths(tokenizer, train_examples),
         },
-        "hyperparameters": {
-            key: value for key, value in vars(args).items() if key not in {"output_dir", "pushgateway_url", "run_id"}
-        }
-        | {"learning_rate": learning_rate(args), "data": str(args.data) if args.data else None},
+        "hyperparameters": hyperparameters(args),
         "metrics": {
             "best_validation": {k: validation[f"eval_{k}"] for k in ("loss", "accuracy", "f1")},
             "epochs_run": trainer.state.epoch,
