@@ -139,3 +139,20 @@ def test_expected_wait_counts_the_busy_workers_and_spreads_the_queue_over_them()
     batcher.pending, batcher.in_flight, batcher.running = 5, 2, 1  # a worker is free: it takes the 3 queued + this
     assert abs(batcher.expected_wait_s() - (0.1 + 4 * 0.01)) < 1e-9
     batcher.shutdown()
+
+
+async def test_the_cost_model_times_the_forward_pass_not_the_event_loops_lag() -> None:
+    """A busy event loop (say, refusing a storm of retries) resumes the caller late; that lag is no slower model, and
+    counting it would make admission refuse more, and keep the loop busier, until the model sits idle."""
+    model = RecordingModel(per_pass_s=0.02)
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=5000)
+
+    async def hog_the_loop() -> None:
+        await asyncio.sleep(0.005)  # the pass is running in its thread by now
+        time.sleep(0.4)  # the loop does nothing else for 0.4 s
+
+    answer, _ = await asyncio.gather(batcher.run("q"), hog_the_loop())
+    assert answer == "Q" and model.batches == [["q"]]
+    (texts, seconds), *_ = batcher.passes
+    assert texts == 1 and 0.02 <= seconds < 0.2  # the pass's own 20 ms, not the loop's 400
+    batcher.shutdown()
