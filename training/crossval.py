@@ -54,8 +54,6 @@ def predict_slow(model: Any, tokenizer: Any, texts: list[str], max_length: int, 
 
 def crossval(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = Settings()
     threshold = settings.confidence_threshold if args.threshold is None else args.threshold
     records = data.load_records(args.data)

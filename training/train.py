@@ -174,6 +174,8 @@ def fit(
     callbacks: list[Any],
 ) -> Trainer:
     """A fresh model trained on `train_examples`, holding the epoch with the lowest validation loss."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)
     training_args = TrainingArguments(
         output_dir=checkpoints,
@@ -213,8 +215,6 @@ def fit(
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train, keep the epoch with the lowest validation loss, save it with its training_report.json."""
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run_id = args.run_id or uuid.uuid4().hex[:12]
 
     records = data.load_records(args.data)
