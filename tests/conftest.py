@@ -65,8 +65,9 @@ def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def fast_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Answers label "0" with probability softmax([0.7, -0.7])[0] = 0.802 for every text."""
-    return make_tiny_model(tmp_path_factory.mktemp("fast_model"), (0.7, -0.7))
+    """Answers label "0" with probability softmax([3, -3])[0] = 0.99753 for every text: fast at the default
+    threshold (0.99), slow at 0.999."""
+    return make_tiny_model(tmp_path_factory.mktemp("fast_model"), (3.0, -3.0))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from tests.conftest import RedisServer, Server
 
 pytestmark = pytest.mark.integration
 
-P_FAST = 1 / (1 + math.exp(-1.4))  # softmax([0.7, -0.7])[0], the fast_model's answer for every text
+P_FAST = 1 / (1 + math.exp(-6.0))  # softmax([3, -3])[0], the fast_model's answer for every text
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_health_and_metrics(server: Server) -> None:
         "workers": workers,
         "threads_per_worker": threads,
     }
-    assert deep["confidence_threshold"] == 0.7
+    assert deep["confidence_threshold"] == 0.99
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in (
         "router_requests_total",
@@ -195,11 +195,11 @@ def test_bentoml_python_client(server: Server) -> None:
 def test_threshold_routing_and_l2_shared_between_instances(
     server_factory: Callable[..., Any], fast_model: Path, redis_server: RedisServer
 ) -> None:
-    """Instance A (threshold 0.7) answers fast; B (0.9) reads A's raw prediction from Redis and routes it slow."""
+    """Instance A (default threshold 0.99) answers fast; B (0.999) reads A's raw answer from Redis, routes it slow."""
     common = {"MODEL_PATH": str(fast_model), "REDIS_URL": redis_server.url, "REDIS_KEY_PREFIX": "qr-test:"}
     with (
-        server_factory({**common, "CONFIDENCE_THRESHOLD": "0.7"}) as a,
-        server_factory({**common, "CONFIDENCE_THRESHOLD": "0.9"}) as b,
+        server_factory(common) as a,
+        server_factory({**common, "CONFIDENCE_THRESHOLD": "0.999"}) as b,
     ):
         assert a.classify("Is a tomato a fruit?").json()["label"] == "0"
         response = b.classify("Is a tomato a fruit?").json()

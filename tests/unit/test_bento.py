@@ -110,7 +110,7 @@ def test_bentofile_env_defaults_are_valid_settings(monkeypatch: pytest.MonkeyPat
     settings = Settings()
     assert settings.log_format == "json"
     assert settings.cache_l1_size == 10000
-    assert settings.confidence_threshold == 0.7
+    assert settings.confidence_threshold == 0.99
     assert settings.hf_model_id is None  # the image serves the embedded default unless the deployment says otherwise
 
 
@@ -231,7 +231,7 @@ def test_served_bento_pulls_its_model_from_the_hub_at_start(served_bento: tuple[
     assert model["source"] == "hub" and model["name"] == "acme/router-tiny"
     assert Path(model["path"]).is_relative_to(hf_home)  # the download went where HF_HOME says
     answer = server.classify("Summarize: rivers flow to the sea.").json()
-    assert answer["label"] == "0" and answer["confidence"] == pytest.approx(0.802, abs=1e-3)  # the tiny model's
+    assert answer["label"] == "0" and answer["confidence"] == pytest.approx(0.9975, abs=1e-3)  # the tiny model's
     json_lines = [line for line in server.log().splitlines() if line.startswith("{")]
     assert any(json.loads(line).get("message", "").startswith("model ready") for line in json_lines)  # LOG_FORMAT
     assert "Service loaded from Bento directory" in server.log()

@@ -52,16 +52,16 @@ def test_routing_sends_unsure_fast_answers_to_the_slow_path() -> None:
 
 
 def test_a_model_that_always_answers_fast(fast_model: Path, tmp_path: Path) -> None:
-    """fast_model: label "0" at 0.802 for every text — above the 0.7 default threshold, below 0.85."""
+    """fast_model: label "0" at 0.9975 for every text — above the 0.99 default threshold, below 0.999."""
     report = run(fast_model, tmp_path, "--temperature-scaling")
     assert report["split_sizes"] == {"train": 32, "validation": 4, "test": 5}
     assert report["model"]["confusion_matrix"] == [[FAST_TEST, 0], [SLOW_TEST, 0]]
     assert report["model"]["accuracy"] == pytest.approx(FAST_TEST / 5)
     assert report["model"]["per_label"]["1"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": SLOW_TEST}
-    assert report["routed"]["threshold"] == 0.7 and report["routed"]["slow_to_fast_rate"] == 1.0
-    assert report["ece"] == pytest.approx(abs(FAST_TEST / 5 - 0.8022), abs=1e-3)
+    assert report["routed"]["threshold"] == 0.99 and report["routed"]["slow_to_fast_rate"] == 1.0
+    assert report["ece"] == pytest.approx(abs(FAST_TEST / 5 - 0.99753), abs=1e-3)
     sweep = {row["threshold"]: row for row in report["threshold_sweep"]}
-    assert sweep[0.8]["fast_share"] == 1.0 and sweep[0.85]["fast_share"] == 0.0
+    assert sweep[0.995]["fast_share"] == 1.0 and sweep[0.999]["fast_share"] == 0.0
     assert report["out_of_scope"] == {
         c: {"count": 6, "routed_fast_share": 1.0} for c in ("brainstorming", "closed_qa", "information_extraction")
     }
