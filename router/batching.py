@@ -57,6 +57,7 @@ class AdaptiveBatcher(Generic[T]):
     """
 
     COST_WINDOW = 64  # forward passes the cost model is fitted on
+    DISPATCHER_SLACK = 3  # the dispatcher's own latency limit, in MAX_LATENCY_MS (a backstop, see __init__)
 
     def __init__(
         self,
@@ -75,7 +76,11 @@ class AdaptiveBatcher(Generic[T]):
         self.passes: deque[tuple[int, float]] = deque(maxlen=self.COST_WINDOW)  # (texts, seconds) per pass
         self.cost = (0.0, 0.0)  # seconds per forward pass + seconds per text; zero until one has run
         dispatcher: CorkDispatcher[Queued, T | Exception | None] = CorkDispatcher(
-            max_latency_in_ms=max_latency_ms,
+            # Admission at the door (`run`) keeps the budget. The dispatcher's own check cancels the oldest queued text
+            # once its wait plus one pass over the *whole* queue would pass the latency, as if one worker took every
+            # queued text in one batch: at 150 clients it cancelled texts due in 0.6 s. Its limit stays as a backstop
+            # for a text that waits far longer than the cost model said.
+            max_latency_in_ms=max_latency_ms * self.DISPATCHER_SLACK,
             max_batch_size=max_batch_size,
             # At most `workers` batches at once: the dispatcher starts one only while a worker is free.
             shared_sema=NonBlockSema(workers),
