@@ -43,8 +43,8 @@ from router.config import Settings
 from router.inference import Classifier
 from router.logs import configure_logging
 from router.metrics import RouterMetrics, exposition
-from router.model import ModelSource, resolve_model
-from router.routing import Prediction, route
+from router.model import ModelSource, resolve_model, shipped_threshold
+from router.routing import Prediction, Threshold, pick_threshold, route
 from router.text import cache_key, normalize
 
 log = logging.getLogger("service")
@@ -96,6 +96,7 @@ class QueryRouter:
         )
         self.source: ModelSource | None = None
         self.classifier: Classifier | None = None
+        self.threshold: Threshold | None = None
         self.load_error: str | None = None
         self.metrics.model_ready.set(0)
 
@@ -109,6 +110,7 @@ class QueryRouter:
     def _load(self) -> None:
         try:
             self.source = resolve_model(self.settings)
+            threshold = pick_threshold(self.settings.confidence_threshold, shipped_threshold(self.source.path))
             classifier = Classifier.load(self.source, self.settings)
             classifier.warm_up()
             self.batcher.calibrate(classifier.predict, CALIBRATION_TEXT)
@@ -116,6 +118,7 @@ class QueryRouter:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model NOT loaded, service stays not ready: %s", self.load_error)
             return
+        self.threshold = threshold
         self.classifier = classifier
         # Everything loaded so far (torch, transformers, the model) lives as long as the process: keep it out of the
         # collector, whose full passes over it stalled a request for ~240 ms every few hundred requests.
@@ -124,8 +127,9 @@ class QueryRouter:
         self.metrics.model_ready.set(1)
         src = self.source
         self.metrics.model_info.labels(src.origin, src.name, classifier.identity, str(src.trained).lower()).set(1)
+        self.metrics.confidence_threshold.labels(threshold.source).set(threshold.value)
         log.info(
-            "model ready: source=%s name=%s revision=%s identity=%s device=%s trained=%s labels=%s",
+            "model ready: source=%s name=%s revision=%s identity=%s device=%s trained=%s labels=%s threshold=%s (%s)",
             src.origin,
             src.name,
             src.revision,
@@ -133,6 +137,8 @@ class QueryRouter:
             self.settings.model_device,
             src.trained,
             classifier.labels,
+            threshold.value,
+            threshold.source,
         )
 
     @bentoml.on_shutdown
@@ -167,7 +173,7 @@ class QueryRouter:
     # --- the answer for one text: L1 → (single-flight: L2 → model) → routing -----------------------------------
 
     async def answer(self, text: str) -> Classification:
-        if self.classifier is None:
+        if self.classifier is None or self.threshold is None:
             raise ApiError(503, "model not ready", headers={"Retry-After": "5"})
         normalized = normalize(text)
         key = cache_key(self.classifier.identity, normalized)
@@ -181,9 +187,7 @@ class QueryRouter:
                 prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
             finally:
                 self.waiting -= 1
-        routed = route(
-            prediction, self.settings.confidence_threshold, self.settings.fast_label, self.settings.slow_label
-        )
+        routed = route(prediction, self.threshold.value, self.settings.fast_label, self.settings.slow_label)
         self.metrics.decisions.labels(prediction.label, routed).inc()
         self.metrics.confidence.observe(prediction.confidence)
         return Classification(label=routed, confidence=round(prediction.confidence, 6))
@@ -277,7 +281,12 @@ class QueryRouter:
                 "workers": self.batcher.workers,
                 "threads_per_worker": self.settings.parallelism()[1],
             },
-            "confidence_threshold": self.settings.confidence_threshold,
+            "routing": {
+                "confidence_threshold": self.threshold.value if self.threshold else None,
+                "source": self.threshold.source if self.threshold else None,
+                "fast_label": self.settings.fast_label,
+                "slow_label": self.settings.slow_label,
+            },
         }
 
     # --- BentoML-native API (for bentoml.SyncHTTPClient / AsyncHTTPClient) -----------------------------------

@@ -76,11 +76,11 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field("qr:", description="Prefix of every Redis key (namespaces deployments and tests).")
 
     # --- routing ---
-    confidence_threshold: float = Field(
-        0.99,
+    confidence_threshold: float | None = Field(
+        None,
         ge=0.0,
         le=1.0,
-        description="Fast-path answers below this go slow (0.99: ≤ 0.5% of slow-path queries go fast).",
+        description="Fast-path answers below this go slow. Unset: the model's own (its routing.json), else 0.99.",
     )
     fast_label: str = Field("0", description="Label of the fast path in the model's id2label.")
     slow_label: str = Field("1", description="Label of the slow path in the model's id2label.")

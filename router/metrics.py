@@ -92,6 +92,13 @@ class RouterMetrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
+        self.confidence_threshold = Gauge(
+            "router_confidence_threshold",
+            "Routing threshold in force; source: setting (CONFIDENCE_THRESHOLD), model (its routing.json) or fallback.",
+            ["source"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
 
 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_DIR = Path(__file__).resolve().parent / "default_model"
 BACKBONE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_ID2LABEL = {0: "0", 1: "1"}
+# The routing threshold a trained model ships with (`training.threshold` writes it); not part of the identity: the
+# cache holds raw predictions, routing is applied after it.
+ROUTING_FILE = "routing.json"
 # Files whose bytes decide the model's answers; their hash is the model's identity (and cache namespace).
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".txt", ".model")
 _IDENTITY_JSON = (
@@ -109,6 +112,24 @@ def download_from_hub(settings: Settings) -> ModelSource:
 def _snapshot_revision(path: Path) -> str | None:
     """The commit sha of a Hub cache snapshot folder (`.../snapshots/<sha>`), if it is one."""
     return path.name if path.parent.name == "snapshots" else None
+
+
+def shipped_threshold(path: Path) -> float | None:
+    """The confidence threshold in the folder's routing.json, or None when it has none.
+
+    A routing.json that is there but unreadable raises: the model would otherwise be served with another threshold
+    than the one it was shipped with, silently.
+    """
+    file = path / ROUTING_FILE
+    if not file.is_file():
+        return None
+    try:
+        value = float(json.loads(file.read_text())["confidence_threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{file} holds no valid confidence_threshold: {exc!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise ModelLoadError(f"{file}: confidence_threshold {value} is not between 0 and 1")
+    return value
 
 
 def model_identity(source: ModelSource, extra: str = "") -> str:

@@ -4,9 +4,10 @@ One 332-query test split moves 0.3 points per query, so two recipes (or a recipe
 on it. Here every record of the train and validation splits is predicted once by a model that never saw it
 (stratified k-fold, each fold trained exactly like `training.train`: same options, early stopping on its own
 validation part). That gives an accuracy over ten times as many records, the full list of disagreements to audit
-against the label rule, and a threshold sweep to choose the routing threshold from. The test split is left out, so
-it stays the final check of whatever this selects. Nothing is saved but `crossval_report.json`; the shipped model
-still comes from `training.train`.
+against the label rule, a threshold sweep, and a measure of how `training.threshold`'s per-model choice does on data
+it did not choose on (each fold's model routes its test part at the threshold chosen on its own validation part).
+The test split is left out, so it stays the final check of whatever this selects. Nothing is saved but
+`crossval_report.json` and `crossval_predictions.json`; the shipped model still comes from `training.train`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from transformers import AutoTokenizer
 
 from router.config import Settings
 from router.model import backbone_path
-from training import data, evaluate, train
+from router.routing import pick_threshold
+from training import data, evaluate, threshold, train
 from training.pushgateway import PushgatewayCallback, TrainingMetrics
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ log = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = train.build_parser(__doc__)
     parser.add_argument("--folds", type=int, default=5, help="Number of folds (each record is tested once).")
-    parser.add_argument("--threshold", type=float, help="Routing threshold; default: the service's setting.")
+    parser.add_argument(
+        "--threshold", type=float, help="One fixed threshold for the sweep's routed report; default: the service's."
+    )
     return parser.parse_args(argv)
 
 
@@ -52,10 +56,27 @@ def predict_slow(model: Any, tokenizer: Any, texts: list[str], max_length: int, 
     return np.concatenate(p_slow)
 
 
+def shipped_thresholds(
+    p_slow: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, chosen: list[float], target: float
+) -> dict[str, Any]:
+    """How `training.threshold`'s procedure does on data it did not choose on: each fold's model routes its test
+    part at the threshold chosen on its own validation part, as a shipped model would."""
+    fast = (p_slow < 0.5) & (1 - p_slow >= thresholds)
+    slow = labels == data.SLOW
+    return {
+        "max_slow_to_fast": target,
+        "fold_thresholds": chosen,
+        "fast_share": float(fast.mean()),
+        "slow_to_fast_rate": float(fast[slow].mean()),
+        "fast_to_slow_rate": float((~fast[~slow]).mean()),
+        "routed_accuracy": float((np.where(fast, data.FAST, data.SLOW) == labels).mean()),
+    }
+
+
 def crossval(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     settings = Settings()
-    threshold = settings.confidence_threshold if args.threshold is None else args.threshold
+    fixed = pick_threshold(settings.confidence_threshold, None).value if args.threshold is None else args.threshold
     records = data.load_records(args.data)
     in_scope, _ = data.to_examples(records)
     held_out = data.split(in_scope, seed=args.seed)
@@ -65,17 +86,31 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
     run_id = args.run_id or uuid.uuid4().hex[:12]
     p_slow = np.zeros(len(examples))
     fold_accuracy = []
+    fold_predictions = []  # each fold's validation and test P(slow): what a threshold procedure is measured on
+    fold_thresholds = []
+    record_thresholds = np.zeros(len(examples))  # the threshold each record's own fold model would ship with
     for fold, (test_indices, splits) in enumerate(data.folds(examples, args.folds, args.seed)):
         url = args.pushgateway_url  # each fold is a run of its own on the training dashboard
         callbacks = [PushgatewayCallback(TrainingMetrics(url, f"{run_id}-fold{fold + 1}"))] if url else []
         with tempfile.TemporaryDirectory(prefix="router-crossval-") as checkpoints:
             trainer = train.fit(args, tokenizer, splits.train, splits.validation, checkpoints, callbacks)
         p_slow[test_indices] = predict_slow(trainer.model, tokenizer, [e.text for e in splits.test], args.max_length)
+        p_validation = predict_slow(trainer.model, tokenizer, [e.text for e in splits.validation], args.max_length)
+        y_validation = np.array([e.label for e in splits.validation])
+        choice = threshold.choose(p_validation, y_validation, args.max_slow_to_fast, settings)
+        fold_thresholds.append(choice["confidence_threshold"])
+        record_thresholds[test_indices] = fold_thresholds[-1]
+        fold_predictions.append(
+            {
+                "validation": {"p_slow": p_validation.round(6).tolist(), "labels": y_validation.tolist()},
+                "test": {"indices": test_indices, "p_slow": p_slow[test_indices].round(6).tolist()},
+            }
+        )
         fold_accuracy.append(float(np.mean((p_slow[test_indices] >= 0.5) == [e.label for e in splits.test])))
         log.info("fold %d/%d: test accuracy %.4f", fold + 1, args.folds, fold_accuracy[-1])
 
     labels = np.array([e.label for e in examples])
-    metrics, _ = evaluate.assess(p_slow, labels, settings, threshold)
+    metrics, _ = evaluate.assess(p_slow, labels, settings, fixed)
     predicted = (p_slow >= 0.5).astype(int)
     counts = Counter(e.category for e in examples)
     right = Counter(e.category for e, ok in zip(examples, predicted == labels, strict=True) if ok)
@@ -100,11 +135,16 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
         "fold_accuracy": fold_accuracy,
         "per_category_accuracy": {c: right[c] / n for c, n in sorted(counts.items())},
         **metrics,
+        "per_model_threshold": shipped_thresholds(
+            p_slow, labels, record_thresholds, fold_thresholds, args.max_slow_to_fast
+        ),
         "disagreements": sorted(disagreements, key=lambda d: (d["category"], d["p_slow"])),
         "wall_time_seconds": round(time.perf_counter() - started, 1),
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "crossval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    predictions = {"labels": labels.tolist(), "p_slow": p_slow.round(6).tolist(), "folds": fold_predictions}
+    (args.output_dir / "crossval_predictions.json").write_text(json.dumps(predictions) + "\n")
     return report
 
 

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from router.config import Settings
 from router.inference import Classifier
-from router.model import ModelSource
-from router.routing import Prediction, route
+from router.model import ModelSource, shipped_threshold
+from router.routing import Prediction, pick_threshold, route
 from training import data
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, type=Path, help="Model folder (full model or adapter folder).")
     parser.add_argument("--data", help="Local dolly JSONL file; default: the Hub dataset " + data.HUB_DATASET)
     parser.add_argument("--seed", type=int, help="Split seed; default: the one in the model's training_report.json.")
-    parser.add_argument("--threshold", type=float, help="Routing threshold; default: the service's setting.")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="Routing threshold; default: CONFIDENCE_THRESHOLD, else the model's routing.json.",
+    )
     parser.add_argument("--temperature-scaling", action="store_true", help="Also fit a temperature on validation.")
     parser.add_argument("--output", type=Path, help="JSON report path (default: MODEL/evaluation.json).")
     parser.add_argument("--plots-dir", type=Path, help="Folder for the PNG plots (default: next to the report).")
@@ -225,17 +229,27 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def training_report(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "training_report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def training_seed(model_dir: Path) -> int:
+    """The split seed the model was trained with, so its test split is rebuilt exactly."""
+    return int(training_report(model_dir).get("data", {}).get("split_seed", 42))
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings()
-    threshold = settings.confidence_threshold if args.threshold is None else args.threshold
-    training_report_path = args.model / "training_report.json"
-    training_report = json.loads(training_report_path.read_text()) if training_report_path.is_file() else {}
-    seed = args.seed if args.seed is not None else training_report.get("data", {}).get("split_seed", 42)
+    chosen = pick_threshold(settings.confidence_threshold, shipped_threshold(args.model))
+    threshold = chosen.value if args.threshold is None else args.threshold
+    trained = training_report(args.model)
+    seed = args.seed if args.seed is not None else training_seed(args.model)
 
     records = data.load_records(args.data)
     in_scope, out_of_scope = data.to_examples(records)
     splits = data.split(in_scope, seed=seed)
-    if training_report.get("data", {}).get("sha256") not in (None, data.data_hash(records)):
+    if trained.get("data", {}).get("sha256") not in (None, data.data_hash(records)):
         log.warning("evaluation data differs from the model's training data: the test split may overlap training")
 
     classifier = Classifier.load(ModelSource(path=args.model, origin="path", name=str(args.model)), settings)
@@ -245,11 +259,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     report, _ = assess(p_test, y_test, settings, threshold)
     report = {
         "model_dir": str(args.model),
-        "run_id": training_report.get("run_id"),
+        "run_id": trained.get("run_id"),
         "data_sha256": data.data_hash(records),
         "split_seed": seed,
         "split_sizes": splits.sizes(),
         "max_length": settings.max_length,
+        "threshold_source": "argument" if args.threshold is not None else chosen.source,
     } | report
     if args.temperature_scaling:
         y_val = np.array([e.label for e in splits.validation])

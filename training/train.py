@@ -33,8 +33,9 @@ from transformers import (
     set_seed,
 )
 
+from router.config import Settings
 from router.model import BACKBONE_ID, backbone_path
-from training import data
+from training import data, threshold
 from training.pushgateway import PushgatewayCallback, TrainingMetrics
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--lora-dropout", type=float, default=0.1)
     parser.add_argument(
         "--adapter-dtype", choices=["float16", "float32"], default="float16", help="Storage dtype of adapter weights."
+    )
+    parser.add_argument(
+        "--max-slow-to-fast",
+        type=float,
+        default=threshold.MAX_SLOW_TO_FAST,
+        help="Routing target: the shipped threshold is the lowest that keeps this share of slow-path queries off the"
+        " fast path on validation (routing.json).",
     )
     parser.add_argument("--max-train-examples", type=int, help="Use only the first N training examples (smoke runs).")
     parser.add_argument("--pushgateway-url", help="Push step and epoch metrics here (e.g. http://localhost:9091).")
@@ -230,6 +238,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         best_checkpoint = trainer.state.best_model_checkpoint
         history = trainer.state.log_history
     save(trainer.model, tokenizer, args, args.output_dir)
+    # Chosen on the saved folder as the service loads it (merge, fp16 adapter, backend), not the in-memory model.
+    routing = threshold.choose_for_model(
+        args.output_dir, splits.validation, args.max_slow_to_fast, Settings(max_length=args.max_length)
+    )
     wall_time = time.perf_counter() - started
 
     report = {
@@ -259,6 +271,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if "eval_loss" in entry
             ][:-1],  # the last entry is the re-evaluation of the best checkpoint
         },
+        "routing": routing,
         "wall_time_seconds": round(wall_time, 1),
         "torch_threads": torch.get_num_threads(),
         "model_bytes": folder_size(args.output_dir),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import pytest
 
 from router.config import Settings
-from router.model import EMBEDDED_DIR, ModelLoadError, resolve_model
+from router.model import EMBEDDED_DIR, ROUTING_FILE, ModelLoadError, resolve_model
 from tests.hub_standin import running_hub
 
 pytestmark = pytest.mark.integration
@@ -75,3 +77,34 @@ def test_embedded_default_routes_obvious_queries(server_factory: Callable[..., A
             assert server.classify(text).json()["label"] == "0", text
         for text in slow:
             assert server.classify(text).json()["label"] == "1", text
+
+
+def test_a_model_folder_brings_its_own_threshold(
+    server_factory: Callable[..., Any], fast_model: Path, tmp_path: Path
+) -> None:
+    """fast_model answers "0" at 0.99753: fast at the fallback 0.99, slow at the 0.999 its routing.json ships."""
+    model = shutil.copytree(fast_model, tmp_path / "model")
+    (model / ROUTING_FILE).write_text(json.dumps({"confidence_threshold": 0.999}))
+    with server_factory({"MODEL_PATH": str(model)}) as server:
+        assert server.classify("Is a tomato a fruit?").json()["label"] == "1"
+        assert server.deep()["routing"]["source"] == "model"  # type: ignore[index]
+        assert server.metric("router_confidence_threshold", source="model") == 0.999
+    with server_factory({"MODEL_PATH": str(model), "CONFIDENCE_THRESHOLD": "0.99"}) as server:
+        assert server.classify("Is a tomato a fruit?").json()["label"] == "0"  # the operator's setting wins
+        assert server.deep()["routing"] == {  # type: ignore[index]
+            "confidence_threshold": 0.99,
+            "source": "setting",
+            "fast_label": "0",
+            "slow_label": "1",
+        }
+
+
+def test_a_broken_routing_json_keeps_the_service_not_ready(
+    server_factory: Callable[..., Any], fast_model: Path, tmp_path: Path
+) -> None:
+    """Serving a model at another threshold than the one it shipped with would be a silent misroute."""
+    model = shutil.copytree(fast_model, tmp_path / "model")
+    (model / ROUTING_FILE).write_text('{"confidence_threshold": "high"}')
+    with server_factory({"MODEL_PATH": str(model)}, ready=False) as server:
+        ready = server.wait_until_loaded()
+        assert ready.status_code == 503 and ROUTING_FILE in ready.json()["error"]

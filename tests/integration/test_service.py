@@ -150,7 +150,9 @@ def test_health_and_metrics(server: Server) -> None:
         "workers": workers,
         "threads_per_worker": threads,
     }
-    assert deep["confidence_threshold"] == 0.99
+    # The tiny model ships no routing.json: the fallback applies, and /metrics says which threshold is in force.
+    assert deep["routing"] == {"confidence_threshold": 0.99, "source": "fallback", "fast_label": "0", "slow_label": "1"}
+    assert server.metric("router_confidence_threshold", source="fallback") == 0.99
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in (
         "router_requests_total",

@@ -110,7 +110,7 @@ def test_bentofile_env_defaults_are_valid_settings(monkeypatch: pytest.MonkeyPat
     settings = Settings()
     assert settings.log_format == "json"
     assert settings.cache_l1_size == 10000
-    assert settings.confidence_threshold == 0.99
+    assert settings.confidence_threshold is None  # the served model's own threshold (routing.json) applies
     assert settings.hf_model_id is None  # the image serves the embedded default unless the deployment says otherwise
 
 

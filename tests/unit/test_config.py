@@ -19,7 +19,7 @@ def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_documented_values() -> None:
     s = Settings()
     assert (s.cache_l1_size, s.cache_l1_ttl_sec, s.cache_l2_ttl_sec) == (10000, 300, 3600)
-    assert s.confidence_threshold == 0.99
+    assert s.confidence_threshold is None  # the model's own (routing.json), else 0.99: router.routing
     assert s.redis_url is None and s.model_path is None
     assert (s.fast_label, s.slow_label) == ("0", "1")
     assert s.onnx_cache_dir == "~/.cache/query-router/onnx"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from router.config import Settings
 from router.inference import Classifier
 from router.model import BACKBONE_ID, ModelSource, holds_model
-from training import crossval, data, train
+from training import crossval, data, threshold, train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "dolly_sample.jsonl"
 
@@ -41,6 +41,7 @@ def test_default_lora_run_writes_the_embedded_adapter_folder(tmp_path: Path) -> 
         "adapter_config.json",
         "adapter_model.safetensors",
         "config.json",
+        "routing.json",
         "training_report.json",
     ]
     config = json.loads((folder / "config.json").read_text())
@@ -65,6 +66,10 @@ def test_default_lora_run_writes_the_embedded_adapter_folder(tmp_path: Path) -> 
     # What the service loads (adapter merged into the packaged backbone) scores what training measured.
     served = validation_accuracy_as_served(folder, max_length=64)
     assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
+    # The routing threshold it ships with was chosen on the validation split, as served.
+    routing = json.loads((folder / "routing.json").read_text())
+    assert routing == report["routing"] and routing["confidence_threshold"] in threshold.CANDIDATES
+    assert routing["chosen_on"]["split"] == "validation" and routing["chosen_on"]["records"] == 4
 
 
 def test_num_layers_keeps_the_first_layers_and_the_service_loads_the_same_truncated_model(tmp_path: Path) -> None:
@@ -131,6 +136,12 @@ def test_crossval_predicts_every_record_once_with_a_model_that_never_saw_it(tmp_
     assert sum(a * n for a, n in zip(report["fold_accuracy"], fold_sizes, strict=True)) == pytest.approx(
         len(pool) - errors
     )
+    # Each fold's model routes its own test part at the threshold chosen on its own validation part.
+    shipped = report["per_model_threshold"]
+    assert len(shipped["fold_thresholds"]) == 3 and set(shipped["fold_thresholds"]) <= set(threshold.CANDIDATES)
+    assert 0.0 <= shipped["slow_to_fast_rate"] <= 1.0 and 0.0 <= shipped["fast_share"] <= 1.0
+    predictions = json.loads((tmp_path / "crossval_predictions.json").read_text())
+    assert len(predictions["p_slow"]) == len(pool) and len(predictions["folds"]) == 3
     test_texts = {e.text[:300] for e in splits.test}
     assert not any(row["text"] in test_texts for row in report["disagreements"])
     for row in report["disagreements"]:
