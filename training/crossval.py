@@ -57,20 +57,13 @@ def predict_slow(model: Any, tokenizer: Any, texts: list[str], max_length: int, 
 
 
 def shipped_thresholds(
-    p_slow: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, chosen: list[float], target: float
+    p_slow: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, chosen: list[float], unsure_fast_share: float
 ) -> dict[str, Any]:
     """How `training.threshold`'s procedure does on data it did not choose on: each fold's model routes its test
     part at the threshold chosen on its own validation part, as a shipped model would."""
-    fast = (p_slow < 0.5) & (1 - p_slow >= thresholds)
-    slow = labels == data.SLOW
-    return {
-        "max_slow_to_fast": target,
-        "fold_thresholds": chosen,
-        "fast_share": float(fast.mean()),
-        "slow_to_fast_rate": float(fast[slow].mean()),
-        "fast_to_slow_rate": float((~fast[~slow]).mean()),
-        "routed_accuracy": float((np.where(fast, data.FAST, data.SLOW) == labels).mean()),
-    }
+    return {"unsure_fast_share": unsure_fast_share, "fold_thresholds": chosen} | threshold.rates(
+        p_slow, labels, thresholds
+    )
 
 
 def crossval(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +90,7 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
         p_slow[test_indices] = predict_slow(trainer.model, tokenizer, [e.text for e in splits.test], args.max_length)
         p_validation = predict_slow(trainer.model, tokenizer, [e.text for e in splits.validation], args.max_length)
         y_validation = np.array([e.label for e in splits.validation])
-        choice = threshold.choose(p_validation, y_validation, args.max_slow_to_fast, settings)
+        choice = threshold.choose(p_validation, y_validation, args.unsure_fast_share)
         fold_thresholds.append(choice["confidence_threshold"])
         record_thresholds[test_indices] = fold_thresholds[-1]
         fold_predictions.append(
@@ -136,7 +129,7 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
         "per_category_accuracy": {c: right[c] / n for c, n in sorted(counts.items())},
         **metrics,
         "per_model_threshold": shipped_thresholds(
-            p_slow, labels, record_thresholds, fold_thresholds, args.max_slow_to_fast
+            p_slow, labels, record_thresholds, fold_thresholds, args.unsure_fast_share
         ),
         "disagreements": sorted(disagreements, key=lambda d: (d["category"], d["p_slow"])),
         "wall_time_seconds": round(time.perf_counter() - started, 1),

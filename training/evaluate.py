@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     report = evaluate(args)
     model, routed = report["model"], report["routed"]
     log.info(
-        "test accuracy %.4f, slow F1 %.4f; routed at %.2f: accuracy %.4f, slow→fast %.4f, fast share %.3f; ECE %.4f",
+        "test accuracy %.4f, slow F1 %.4f; routed at %.4g: accuracy %.4f, slow→fast %.4f, fast share %.3f; ECE %.4f",
         model["accuracy"],
         model["per_label"]["1"]["f1"],
         routed["threshold"],

@@ -72,11 +72,7 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
         "--adapter-dtype", choices=["float16", "float32"], default="float16", help="Storage dtype of adapter weights."
     )
     parser.add_argument(
-        "--max-slow-to-fast",
-        type=float,
-        default=threshold.MAX_SLOW_TO_FAST,
-        help="Routing target: the shipped threshold is the lowest that keeps this share of slow-path queries off the"
-        " fast path on validation (routing.json).",
+        "--unsure-fast-share", type=float, default=threshold.UNSURE_FAST_SHARE, help=threshold.UNSURE_HELP
     )
     parser.add_argument("--max-train-examples", type=int, help="Use only the first N training examples (smoke runs).")
     parser.add_argument("--pushgateway-url", help="Push step and epoch metrics here (e.g. http://localhost:9091).")
@@ -240,7 +236,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     save(trainer.model, tokenizer, args, args.output_dir)
     # Chosen on the saved folder as the service loads it (merge, fp16 adapter, backend), not the in-memory model.
     routing = threshold.choose_for_model(
-        args.output_dir, splits.validation, args.max_slow_to_fast, Settings(max_length=args.max_length)
+        args.output_dir, splits.validation, args.unsure_fast_share, Settings(max_length=args.max_length)
     )
     wall_time = time.perf_counter() - started
 

@@ -68,7 +68,8 @@ def test_default_lora_run_writes_the_embedded_adapter_folder(tmp_path: Path) -> 
     assert served == pytest.approx(report["metrics"]["best_validation"]["accuracy"])
     # The routing threshold it ships with was chosen on the validation split, as served.
     routing = json.loads((folder / "routing.json").read_text())
-    assert routing == report["routing"] and routing["confidence_threshold"] in threshold.CANDIDATES
+    assert routing == report["routing"] and 0.5 <= routing["confidence_threshold"] <= 1.0
+    assert routing["unsure_fast_share"] == threshold.UNSURE_FAST_SHARE
     assert routing["chosen_on"]["split"] == "validation" and routing["chosen_on"]["records"] == 4
 
 
@@ -138,7 +139,7 @@ def test_crossval_predicts_every_record_once_with_a_model_that_never_saw_it(tmp_
     )
     # Each fold's model routes its own test part at the threshold chosen on its own validation part.
     shipped = report["per_model_threshold"]
-    assert len(shipped["fold_thresholds"]) == 3 and set(shipped["fold_thresholds"]) <= set(threshold.CANDIDATES)
+    assert len(shipped["fold_thresholds"]) == 3 and all(0.5 <= t <= 1.0 for t in shipped["fold_thresholds"])
     assert 0.0 <= shipped["slow_to_fast_rate"] <= 1.0 and 0.0 <= shipped["fast_share"] <= 1.0
     predictions = json.loads((tmp_path / "crossval_predictions.json").read_text())
     assert len(predictions["p_slow"]) == len(pool) and len(predictions["folds"]) == 3
