@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.model import ROUTING_FILE, ModelLoadError, shipped_threshold
+from router.model import EMBEDDED_DIR, ROUTING_FILE, ModelLoadError, shipped_threshold
 from router.routing import FALLBACK_THRESHOLD, Threshold, pick_threshold
 from training import evaluate, threshold
 
@@ -76,3 +76,11 @@ def test_cli_writes_routing_json_that_evaluate_then_uses(fast_model: Path, tmp_p
     (model / ROUTING_FILE).write_text(json.dumps({"confidence_threshold": 0.999}))
     report = evaluated()
     assert report["routed"]["threshold"] == 0.999 and report["routed"]["fast_share"] == 0.0
+
+
+def test_the_embedded_model_ships_its_threshold() -> None:
+    """The default model routes with the threshold chosen for it, not with the fallback."""
+    routing = json.loads((EMBEDDED_DIR / ROUTING_FILE).read_text())
+    assert shipped_threshold(EMBEDDED_DIR) == routing["confidence_threshold"]
+    assert 0.5 < routing["confidence_threshold"] < 1.0 and routing["target_met"] is True
+    assert routing["chosen_on"]["split"] == "validation"
