@@ -22,7 +22,7 @@ from tests.hub_standin import running_hub
 TOKEN = "hf_test_token"
 # What training leaves in a model folder (tests/conftest.py's tiny model) plus its reports and model card.
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
-PUBLISHED_FILES = MODEL_FILES | {"training_report.json", "confusion_matrix.png", "README.md"}
+PUBLISHED_FILES = MODEL_FILES | {"training_report.json", "routing.json", "confusion_matrix.png", "README.md"}
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def model_dir(fast_model: Path, tmp_path: Path) -> Path:
     """The session's tiny model, reports, a model card, and files that must stay local."""
     folder = shutil.copytree(fast_model, tmp_path / "model")
     (folder / "training_report.json").write_text('{"eval_accuracy": 0.9}\n')
+    (folder / "routing.json").write_text('{"confidence_threshold": 0.97}\n')  # the threshold travels with the model
     (folder / "confusion_matrix.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# Query router\n")
     (folder / "training_args.bin").write_bytes(b"pickled trainer state")
@@ -94,7 +95,7 @@ def test_push_uploads_the_model_and_the_service_downloads_it(model_dir: Path, tm
     assert source["origin"] == "hub" and source["revision"] == commit
     downloaded = Path(source["path"])
     assert downloaded.is_relative_to(tmp_path / "hf-serve")
-    fetched = MODEL_FILES | {"training_report.json"}  # the service's patterns: json, weights, vocab; no card or png
+    fetched = MODEL_FILES | {"training_report.json", "routing.json"}  # json, weights, vocab; no card or png
     assert {p.name for p in downloaded.iterdir()} == fetched
     for name in fetched:
         assert (downloaded / name).read_bytes() == (model_dir / name).read_bytes(), name
