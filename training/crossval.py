@@ -61,9 +61,12 @@ def shipped_thresholds(
 ) -> dict[str, Any]:
     """How `training.threshold`'s procedure does on data it did not choose on: each fold's model routes its test
     part at the threshold chosen on its own validation part, as a shipped model would."""
-    return {"unsure_fast_share": unsure_fast_share, "fold_thresholds": chosen} | threshold.rates(
-        p_slow, labels, thresholds
-    )
+    chose = {
+        "unsure_fast_share": unsure_fast_share,
+        "margin_logits": threshold.MARGIN_LOGITS,
+        "fold_thresholds": chosen,
+    }
+    return chose | threshold.rates(p_slow, labels, thresholds)
 
 
 def crossval(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def test_choose_sends_the_least_confident_share_of_fast_answers_slow() -> None:
     p_slow = np.concatenate([1 - fast_confidence, np.full(100, 0.9)])
     labels = np.concatenate([np.zeros(100, dtype=int), np.ones(100, dtype=int)])
     labels[5] = 1  # a slow-path query answered fast at 0.905: under the threshold, so routed slow
-    choice = threshold.choose(p_slow, labels, unsure_fast_share=0.08)
+    choice = threshold.choose(p_slow, labels, unsure_fast_share=0.08, margin_logits=0.0)
     assert choice["confidence_threshold"] == 0.9079  # the 8th percentile, rounded down to 4 decimals
     measured = choice["chosen_on"]
     assert measured["fast_share"] == pytest.approx(92 / 200)
@@ -30,9 +30,13 @@ def test_choose_sends_the_least_confident_share_of_fast_answers_slow() -> None:
     assert measured["fast_to_slow_rate"] == pytest.approx(7 / 99)
     assert measured["records"] == 200 and measured["slow_path_records"] == 101
     # The same answers from a model whose confidences top out lower: the threshold moves with them.
-    lower = threshold.choose(1 - (1 - p_slow) * 0.99, labels, unsure_fast_share=0.08)["confidence_threshold"]
-    assert lower < choice["confidence_threshold"]
-    assert threshold.rates(1 - (1 - p_slow) * 0.99, labels, lower)["fast_share"] == pytest.approx(92 / 200)
+    lower = threshold.choose(1 - (1 - p_slow) * 0.99, labels, unsure_fast_share=0.08, margin_logits=0.0)
+    assert lower["confidence_threshold"] < choice["confidence_threshold"]
+    assert lower["chosen_on"]["fast_share"] == pytest.approx(92 / 200)
+    # The margin lowers the quantile by 0.5 logits: 0.9079 → 0.8568, so the unsure slow-path query now goes fast.
+    margin = threshold.choose(p_slow, labels, unsure_fast_share=0.08, margin_logits=0.5)
+    assert margin["confidence_threshold"] == 0.8567 and margin["margin_logits"] == 0.5
+    assert margin["chosen_on"]["slow_to_fast_rate"] == pytest.approx(1 / 101)
 
 
 def test_choose_reports_a_missed_target() -> None:
@@ -58,13 +62,14 @@ def test_shipped_threshold_reads_routing_json_and_rejects_a_broken_one(tmp_path:
 
 
 def test_cli_writes_routing_json_that_evaluate_then_uses(fast_model: Path, tmp_path: Path) -> None:
-    """fast_model answers "0" at 0.99753 for every text: the threshold sits just under that (rounded down), so every
+    """fast_model answers "0" at 0.99753 for every text: the threshold sits 0.5 logits under that (0.9959), so every
     answer stays fast; a routing.json written by hand at 0.999 sends them all slow, and evaluate follows it."""
     model = shutil.copytree(fast_model, tmp_path / "model")
     threshold.main(["--model", str(model), "--data", str(SAMPLE)])
     routing = json.loads((model / ROUTING_FILE).read_text())
-    assert routing["confidence_threshold"] == pytest.approx(0.9975)
+    assert routing["confidence_threshold"] == 0.9959
     assert routing["chosen_on"]["split"] == "validation" and routing["chosen_on"]["records"] == 4
+    assert routing["chosen_on"]["backend"] == "torch"  # fp32: the same answers on every CPU
     assert routing["chosen_on"]["fast_share"] == 1.0 and routing["target_met"] is False  # it sends slow ones fast
 
     def evaluated() -> dict:
