@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 UNSURE_FAST_SHARE = 0.15
 MARGIN_LOGITS = 0.5
 MAX_SLOW_TO_FAST = 0.005  # issue #3: at most 0.5% of slow-path queries on the fast path (checked, reported)
-UNSURE_HELP = "Share of the model's fast answers (its least confident on validation) that the threshold routes slow."
+UNSURE_HELP = "Quantile of the model's fast-answer confidences on validation that the threshold starts from."
 
 
 def rates(p_slow: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
