@@ -29,6 +29,8 @@ ROUTER_ENV = (
     "MODEL_BACKEND",
     "MAX_BATCH_SIZE",
     "MAX_LATENCY_MS",
+    "MAX_QUEUE",
+    "SHED_DELAY_MS",
 )
 
 

@@ -51,9 +51,9 @@ class AdaptiveBatcher(Generic[T]):
     spends a forward pass on an answer nobody will read.
 
     Admission: a text that the measured pace says cannot be answered within `max_latency_ms` is refused at once
-    (`Overloaded`), so a client past capacity gets its 503 in a millisecond instead of after waiting in the queue
+    (`Overloaded`), so a client past capacity is refused in a millisecond instead of after waiting in the queue
     (BentoML's dispatcher only cancels a request once it has waited past the budget), and the accepted ones keep
-    their latency.
+    their latency. (The service sends that 503 after SHED_DELAY_MS, to pace clients that retry at once.)
     """
 
     COST_WINDOW = 64  # forward passes the cost model is fitted on

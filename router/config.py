@@ -58,7 +58,13 @@ class Settings(BaseSettings):
     # A backstop only: MAX_LATENCY_MS (the batcher's cost model) decides admission. At 128 it refused 150 clients'
     # misses that the budget had room for (README § Performance).
     max_queue: int = Field(
-        1024, ge=1, description="Most cache misses waiting for the model at once; beyond it: 503 at once."
+        1024, ge=1, description="Most cache misses waiting for the model at once; beyond it: 503 (after SHED_DELAY_MS)."
+    )
+    shed_delay_ms: int = Field(
+        250,
+        ge=0,
+        le=5000,
+        description="An overload 503 is sent after this pause, pacing clients that retry at once (0: no pause).",
     )
 
     # --- API ---

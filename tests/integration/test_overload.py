@@ -25,7 +25,8 @@ async def burst(url: str, count: int) -> list[httpx.Response]:
 def test_a_burst_past_capacity_is_shed_quickly(server_factory: Callable[..., Any]) -> None:
     """Latencies are the server's own (x-router-latency): on 2 cores the Python client of 300 connections takes
     seconds itself, which says nothing about the router. tests/unit/test_batching.py pins the admission rule."""
-    with server_factory({"MAX_LATENCY_MS": "300"}) as server:  # the embedded model, a tight latency budget
+    # The embedded model, a tight latency budget, and refusals sent at once: this checks where they are decided.
+    with server_factory({"MAX_LATENCY_MS": "300", "SHED_DELAY_MS": "0"}) as server:
         results = asyncio.run(burst(server.url, 300))
         assert {r.status_code for r in results} <= {200, 503}
         shed = [r for r in results if r.status_code == 503]
@@ -44,6 +45,20 @@ def test_a_burst_past_capacity_is_shed_quickly(server_factory: Callable[..., Any
             assert response.json()["error"]["status"] == "UNAVAILABLE"
         # Refused at the door: a rejection never waits for the model the way an accepted answer does.
         assert shed_ms[len(shed_ms) // 2] < accepted_ms[len(accepted_ms) // 2]
+        assert server.classify("after the burst").status_code == 200
+
+
+def test_a_refusal_is_sent_after_the_shed_delay(server_factory: Callable[..., Any]) -> None:
+    """With one miss allowed to wait, a burst of 20 is refused but for a few, each refusal after SHED_DELAY_MS, so a
+    client that retries at once comes back paced instead of in a millisecond."""
+    with server_factory({"MAX_QUEUE": "1", "SHED_DELAY_MS": "300"}) as server:
+        results = asyncio.run(burst(server.url, 20))
+        shed = [r for r in results if r.status_code == 503]
+        assert shed and {r.status_code for r in results} <= {200, 503}
+        for response in shed:
+            assert response.headers["retry-after"] == "1"
+            assert float(response.headers["x-router-latency"]) >= 300
+        assert server.metric("router_shed_total") == len(shed)
         assert server.classify("after the burst").status_code == 200
 
 

@@ -148,6 +148,7 @@ def test_health_and_metrics(server: Server) -> None:
         "max_batch_size": 32,
         "max_latency_ms": 1000,
         "workers": workers,
+        "shed_delay_ms": 250,
         "threads_per_worker": threads,
     }
     # The tiny model ships no routing.json: the fallback applies, and /metrics says which threshold is in force.
