@@ -114,6 +114,16 @@ def fit_temperature(p_slow: np.ndarray, y_true: np.ndarray) -> float:
     return float(min(grid, key=nll))
 
 
+def routing_rates(y_routed: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
+    """Share of all queries routed fast, and the two ways routing can be wrong, from routed and true labels."""
+    slow = y_true == data.SLOW
+    return {
+        "fast_share": float((y_routed == data.FAST).mean()),
+        "slow_to_fast_rate": float((y_routed[slow] == data.FAST).mean()) if slow.any() else 0.0,
+        "fast_to_slow_rate": float((y_routed[~slow] == data.SLOW).mean()) if (~slow).any() else 0.0,
+    }
+
+
 def assess(
     p_slow: np.ndarray, y_true: np.ndarray, settings: Settings, threshold: float
 ) -> tuple[dict[str, Any], list[Prediction]]:
@@ -126,26 +136,18 @@ def assess(
         return np.array([data.LABEL2ID[route(p, t, settings.fast_label, settings.slow_label)] for p in predictions])
 
     y_routed = routed(threshold)
-    slow = y_true == data.SLOW
     sweep = []
     for t in SWEEP:
         y_t = routed(t)
-        sweep.append(
-            {
-                "threshold": t,
-                "fast_share": float((y_t == data.FAST).mean()),
-                "slow_to_fast_rate": float((y_t[slow] == data.FAST).mean()) if slow.any() else 0.0,
-                "fast_to_slow_rate": float((y_t[~slow] == data.SLOW).mean()) if (~slow).any() else 0.0,
-                "accuracy": float((y_t == y_true).mean()),
-            }
-        )
+        sweep.append({"threshold": t} | routing_rates(y_t, y_true) | {"accuracy": float((y_t == y_true).mean())})
+    at_threshold = routing_rates(y_routed, y_true)
     report = {
         "model": classification_metrics(y_true, y_model),
         "routed": classification_metrics(y_true, y_routed)
         | {
             "threshold": threshold,
-            "fast_share": float((y_routed == data.FAST).mean()),
-            "slow_to_fast_rate": float((y_routed[slow] == data.FAST).mean()) if slow.any() else 0.0,
+            "fast_share": at_threshold["fast_share"],
+            "slow_to_fast_rate": at_threshold["slow_to_fast_rate"],
         },
         "ece": expected_calibration_error(confidence, (y_model == y_true).astype(float)),
         "threshold_sweep": sweep,
@@ -234,9 +236,9 @@ def training_report(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def training_seed(model_dir: Path) -> int:
-    """The split seed the model was trained with, so its test split is rebuilt exactly."""
-    return int(training_report(model_dir).get("data", {}).get("split_seed", 42))
+def training_seed(report: dict[str, Any]) -> int:
+    """The split seed the model was trained with (from its training report), so its splits are rebuilt exactly."""
+    return int(report.get("data", {}).get("split_seed", 42))
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,7 +246,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     chosen = pick_threshold(settings.confidence_threshold, shipped_threshold(args.model))
     threshold = chosen.value if args.threshold is None else args.threshold
     trained = training_report(args.model)
-    seed = args.seed if args.seed is not None else training_seed(args.model)
+    seed = args.seed if args.seed is not None else training_seed(trained)
 
     records = data.load_records(args.data)
     in_scope, out_of_scope = data.to_examples(records)

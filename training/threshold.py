@@ -40,12 +40,7 @@ UNSURE_HELP = "Quantile of the model's fast-answer confidences on validation tha
 def rates(p_slow: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
     """Where routing at `threshold` (one, or one per query) sends these queries: `router.routing.route`'s rule."""
     fast = (p_slow < 0.5) & (1 - p_slow >= threshold)
-    slow = labels == data.SLOW
-    return {
-        "fast_share": float(fast.mean()),
-        "slow_to_fast_rate": float(fast[slow].mean()) if slow.any() else 0.0,
-        "fast_to_slow_rate": float((~fast[~slow]).mean()) if (~slow).any() else 0.0,
-    }
+    return evaluate.routing_rates(np.where(fast, data.FAST, data.SLOW), labels)
 
 
 def choose(
@@ -120,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    seed = args.seed if args.seed is not None else evaluate.training_seed(args.model)
+    seed = args.seed if args.seed is not None else evaluate.training_seed(evaluate.training_report(args.model))
     in_scope, _ = data.to_examples(data.load_records(args.data))
     validation = data.split(in_scope, seed=seed).validation
     choice = choose_for_model(args.model, validation, args.unsure_fast_share, Settings())

@@ -234,7 +234,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         best_checkpoint = trainer.state.best_model_checkpoint
         history = trainer.state.log_history
     save(trainer.model, tokenizer, args, args.output_dir)
-    # Chosen on the saved folder as the service loads it (merge, fp16 adapter, backend), not the in-memory model.
+    # Chosen on the saved folder as the service loads it (adapter merge, fp16 weights), not the in-memory model.
     routing = threshold.choose_for_model(
         args.output_dir, splits.validation, args.unsure_fast_share, Settings(max_length=args.max_length)
     )
