@@ -97,7 +97,8 @@ class AdaptiveBatcher(Generic[T]):
         per_pass, per_text = self.cost
         busy = self.running >= self.workers
         until_free = per_pass + per_text * self.in_flight / self.running if busy else 0.0
-        queued = self.pending - self.in_flight + 1
+        # Texts whose callers were cancelled mid-pass still count in `in_flight` but no longer in `pending`.
+        queued = max(self.pending - self.in_flight, 0) + 1
         passes = math.ceil(queued / self.max_batch_size)
         rounds = math.ceil(passes / self.workers)
         return until_free + rounds * per_pass + queued * per_text / min(passes, self.workers)

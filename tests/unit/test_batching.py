@@ -157,6 +157,19 @@ def test_expected_wait_counts_the_busy_workers_and_spreads_the_queue_over_them()
     batcher.shutdown()
 
 
+def test_expected_wait_after_callers_left_a_running_pass() -> None:
+    """Clients that disconnect while their texts are in a forward pass leave `pending` but not `in_flight`. The next
+    text was then counted as 0 queued in 0 passes, and the division by zero failed it with a 500 (found by the
+    benchmark: wrk cuts its connections at the end of a run)."""
+    batcher = AdaptiveBatcher(RecordingModel(), max_batch_size=4, max_latency_ms=5000, workers=2)
+    batcher.cost = (0.1, 0.01)
+    batcher.pending, batcher.in_flight, batcher.running = 1, 3, 1  # 3 texts in a pass, 2 of their callers gone
+    assert abs(batcher.expected_wait_s() - (0.1 + 0.01)) < 1e-9  # a worker is free: one pass of its own
+    batcher.running = 2  # both busy: until one is free, then its own pass
+    assert abs(batcher.expected_wait_s() - ((0.1 + 0.015) + (0.1 + 0.01))) < 1e-9
+    batcher.shutdown()
+
+
 async def test_the_cost_model_times_the_forward_pass_not_the_event_loops_lag() -> None:
     """A busy event loop (say, refusing a storm of retries) resumes the caller late; that lag is no slower model, and
     counting it would make admission refuse more, and keep the loop busier, until the model sits idle."""
