@@ -57,7 +57,7 @@ def test_a_refusal_is_sent_after_the_shed_delay(server_factory: Callable[..., An
         assert shed and {r.status_code for r in results} <= {200, 503}
         for response in shed:
             assert response.headers["retry-after"] == "1"
-            assert float(response.headers["x-router-latency"]) >= 300
+            assert float(response.headers["x-router-latency"]) >= 299  # uvloop's timers count whole milliseconds
         assert server.metric("router_shed_total") == len(shed)
         assert server.classify("after the burst").status_code == 200
 
