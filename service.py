@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import bentoml
+from _bentoml_sdk.service import get_current_service  # pinned: bentoml==1.4.40
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -216,89 +217,6 @@ class QueryRouter:
         await self.cache.put(key, prediction)
         return prediction
 
-    # --- HTTP API -------------------------------------------------------------------------------------------------
-
-    @http.post(
-        "/v1/query-classify",
-        response_model=Classification,
-        response_model_exclude_none=True,
-        dependencies=[Depends(require_json)],
-        responses=ERROR_RESPONSES,
-    )
-    async def query_classify(self, body: ClassifyRequest) -> Classification:  # type: ignore[valid-type]
-        """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
-        result = await self.answer(body.text)  # type: ignore[attr-defined]
-        result.request_id = body.request_id  # type: ignore[attr-defined]
-        return result
-
-    @http.post(
-        "/v1/query-classify:batch",
-        response_model=ClassificationBatch,
-        response_model_exclude_none=True,
-        dependencies=[Depends(require_json)],
-        responses=ERROR_RESPONSES,
-    )
-    async def query_classify_batch(self, body: ClassifyBatchRequest) -> ClassificationBatch:  # type: ignore[valid-type]
-        """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""
-        results = await asyncio.gather(*(self.answer(t) for t in body.texts))  # type: ignore[attr-defined]
-        return ClassificationBatch(results=list(results))
-
-    @http.get("/health/live")
-    async def live(self) -> dict[str, str]:
-        return {"status": "alive"}
-
-    @http.get("/health/ready")
-    async def ready(self) -> JSONResponse:
-        if self.classifier is not None:
-            return JSONResponse({"status": "ready"})
-        status = "failed" if self.load_error else "loading"
-        return JSONResponse({"status": status, "error": self.load_error}, status_code=503)
-
-    @http.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics(self) -> Response:
-        """Prometheus text format; collecting reads every worker's files, so it runs off the event loop."""
-        return Response(await asyncio.to_thread(exposition), media_type=CONTENT_TYPE_LATEST)
-
-    @http.get("/health/deep")
-    async def deep(self) -> dict[str, Any]:
-        src, clf = self.source, self.classifier
-        return {
-            "status": "ready" if clf else ("failed" if self.load_error else "loading"),
-            "error": self.load_error,
-            "model": {
-                "source": src.origin if src else None,
-                "name": src.name if src else None,
-                "path": str(src.path) if src else None,
-                "revision": src.revision if src else None,
-                "trained": src.trained if src else None,
-                "identity": clf.identity if clf else None,
-                "labels": clf.labels if clf else None,
-                "device": self.settings.model_device,
-                "backend": self.settings.model_backend,
-                "max_length": self.settings.max_length,
-            },
-            "cache": {
-                "l1_entries": len(self.cache.l1) if self.cache.l1 is not None else 0,
-                "l1_max_size": self.settings.cache_l1_size,
-                "l1_ttl_sec": self.settings.cache_l1_ttl_sec,
-                "l2_configured": self.cache.redis is not None,
-                "redis_reachable": await self.cache.redis_reachable(),
-            },
-            "batching": {
-                "max_batch_size": self.settings.max_batch_size,
-                "max_latency_ms": self.settings.max_latency_ms,
-                "workers": self.batcher.workers,
-                "shed_delay_ms": self.settings.shed_delay_ms,
-                "threads_per_worker": self.settings.parallelism()[1],
-            },
-            "routing": {
-                "confidence_threshold": self.threshold.value if self.threshold else None,
-                "source": self.threshold.source if self.threshold else None,
-                "fast_label": self.settings.fast_label,
-                "slow_label": self.settings.slow_label,
-            },
-        }
-
     # --- BentoML-native API (for bentoml.SyncHTTPClient / AsyncHTTPClient) -----------------------------------
 
     @bentoml.api(route="/classify")
@@ -314,6 +232,115 @@ class QueryRouter:
             if exc.code == 503:
                 raise bentoml.exceptions.ServiceUnavailable(exc.message) from exc
             raise
+
+
+async def current_service() -> QueryRouter:
+    """The service instance for the HTTP routes, resolved on the event loop.
+
+    The routes are module functions, not methods: BentoML gives a route method's `self` the sync dependency
+    `get_current_service`, which FastAPI runs in its thread pool, a thread hop and a loop wake-up on every request
+    for a global lookup (README § Performance).
+    """
+    return get_current_service()  # type: ignore[no-any-return]
+
+
+Service = Annotated[QueryRouter, Depends(current_service)]
+
+
+# --- HTTP API (module functions, not methods: see current_service) ------------------------------------------------
+
+
+@http.post(
+    "/v1/query-classify",
+    response_model=Classification,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_json)],
+    responses=ERROR_RESPONSES,
+)
+async def query_classify(
+    body: ClassifyRequest,  # type: ignore[valid-type]
+    service: Service,
+) -> Classification:
+    """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
+    result = await service.answer(body.text)  # type: ignore[attr-defined]
+    result.request_id = body.request_id  # type: ignore[attr-defined]
+    return result
+
+
+@http.post(
+    "/v1/query-classify:batch",
+    response_model=ClassificationBatch,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_json)],
+    responses=ERROR_RESPONSES,
+)
+async def query_classify_batch(
+    body: ClassifyBatchRequest,  # type: ignore[valid-type]
+    service: Service,
+) -> ClassificationBatch:
+    """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""
+    results = await asyncio.gather(*(service.answer(t) for t in body.texts))  # type: ignore[attr-defined]
+    return ClassificationBatch(results=list(results))
+
+
+@http.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@http.get("/health/ready")
+async def ready(service: Service) -> JSONResponse:
+    if service.classifier is not None:
+        return JSONResponse({"status": "ready"})
+    status = "failed" if service.load_error else "loading"
+    return JSONResponse({"status": status, "error": service.load_error}, status_code=503)
+
+
+@http.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    """Prometheus text format; collecting reads every worker's files, so it runs off the event loop."""
+    return Response(await asyncio.to_thread(exposition), media_type=CONTENT_TYPE_LATEST)
+
+
+@http.get("/health/deep")
+async def deep(service: Service) -> dict[str, Any]:
+    src, clf = service.source, service.classifier
+    return {
+        "status": "ready" if clf else ("failed" if service.load_error else "loading"),
+        "error": service.load_error,
+        "model": {
+            "source": src.origin if src else None,
+            "name": src.name if src else None,
+            "path": str(src.path) if src else None,
+            "revision": src.revision if src else None,
+            "trained": src.trained if src else None,
+            "identity": clf.identity if clf else None,
+            "labels": clf.labels if clf else None,
+            "device": service.settings.model_device,
+            "backend": service.settings.model_backend,
+            "max_length": service.settings.max_length,
+        },
+        "cache": {
+            "l1_entries": len(service.cache.l1) if service.cache.l1 is not None else 0,
+            "l1_max_size": service.settings.cache_l1_size,
+            "l1_ttl_sec": service.settings.cache_l1_ttl_sec,
+            "l2_configured": service.cache.redis is not None,
+            "redis_reachable": await service.cache.redis_reachable(),
+        },
+        "batching": {
+            "max_batch_size": service.settings.max_batch_size,
+            "max_latency_ms": service.settings.max_latency_ms,
+            "workers": service.batcher.workers,
+            "shed_delay_ms": service.settings.shed_delay_ms,
+            "threads_per_worker": service.settings.parallelism()[1],
+        },
+        "routing": {
+            "confidence_threshold": service.threshold.value if service.threshold else None,
+            "source": service.threshold.source if service.threshold else None,
+            "fast_label": service.settings.fast_label,
+            "slow_label": service.settings.slow_label,
+        },
+    }
 
 
 if settings.api_key:  # the whole app, BentoML's routes included; health and metrics stay open
