@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import Annotated, Any, NoReturn
+from typing import Any, NoReturn
 
 import bentoml
 from _bentoml_sdk.service import get_current_service  # pinned: bentoml==1.4.40
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,7 +25,7 @@ from router.api import (
     ERROR_RESPONSES,
     ApiError,
     ApiKeyGuard,
-    BodyLimit,
+    BodyRules,
     CancelOnDisconnect,
     Classification,
     ClassificationBatch,
@@ -34,7 +34,6 @@ from router.api import (
     check_text,
     http_error,
     request_models,
-    require_json,
     service_options,
     validation_error,
 )
@@ -66,8 +65,9 @@ http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json"
 http.add_exception_handler(RequestValidationError, validation_error)
 http.add_exception_handler(HTTPException, http_error)
 http.add_exception_handler(ApiError, api_error)
-http.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-http.add_middleware(CancelOnDisconnect, paths=["/v1/query-classify", "/v1/query-classify:batch"])
+CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
+http.add_middleware(BodyRules, max_bytes=settings.max_body_bytes, json_paths=CLASSIFY_ROUTES)
+http.add_middleware(CancelOnDisconnect, paths=CLASSIFY_ROUTES)
 metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them
 http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
 
@@ -234,35 +234,28 @@ class QueryRouter:
             raise
 
 
-async def current_service() -> QueryRouter:
-    """The service instance for the HTTP routes, resolved on the event loop.
+def the_service() -> QueryRouter:
+    """The service instance, for the HTTP routes.
 
-    The routes are module functions, not methods: BentoML gives a route method's `self` the sync dependency
-    `get_current_service`, which FastAPI runs in its thread pool, a thread hop and a loop wake-up on every request
-    for a global lookup (README § Performance).
+    The routes are module functions that call this, not methods: BentoML gives a route method's `self` the sync
+    dependency `get_current_service`, which FastAPI runs in its thread pool, a thread hop and a loop wake-up on every
+    request, and resolving any dependency cost a cache hit more than the lookup (README § Performance).
     """
     return get_current_service()  # type: ignore[no-any-return]
 
 
-Service = Annotated[QueryRouter, Depends(current_service)]
-
-
-# --- HTTP API (module functions, not methods: see current_service) ------------------------------------------------
+# --- HTTP API (module functions, not methods: see the_service) ------------------------------------------------
 
 
 @http.post(
     "/v1/query-classify",
     response_model=Classification,
     response_model_exclude_none=True,
-    dependencies=[Depends(require_json)],
     responses=ERROR_RESPONSES,
 )
-async def query_classify(
-    body: ClassifyRequest,  # type: ignore[valid-type]
-    service: Service,
-) -> Classification:
+async def query_classify(body: ClassifyRequest) -> Classification:  # type: ignore[valid-type]
     """Classify one query: label "0" (fast path) or "1" (slow path) and the model's confidence."""
-    result = await service.answer(body.text)  # type: ignore[attr-defined]
+    result = await the_service().answer(body.text)  # type: ignore[attr-defined]
     result.request_id = body.request_id  # type: ignore[attr-defined]
     return result
 
@@ -271,14 +264,11 @@ async def query_classify(
     "/v1/query-classify:batch",
     response_model=ClassificationBatch,
     response_model_exclude_none=True,
-    dependencies=[Depends(require_json)],
     responses=ERROR_RESPONSES,
 )
-async def query_classify_batch(
-    body: ClassifyBatchRequest,  # type: ignore[valid-type]
-    service: Service,
-) -> ClassificationBatch:
+async def query_classify_batch(body: ClassifyBatchRequest) -> ClassificationBatch:  # type: ignore[valid-type]
     """Classify up to MAX_BATCH_TEXTS queries; they join the same adaptive batches as single requests."""
+    service = the_service()
     results = await asyncio.gather(*(service.answer(t) for t in body.texts))  # type: ignore[attr-defined]
     return ClassificationBatch(results=list(results))
 
@@ -289,7 +279,8 @@ async def live() -> dict[str, str]:
 
 
 @http.get("/health/ready")
-async def ready(service: Service) -> JSONResponse:
+async def ready() -> JSONResponse:
+    service = the_service()
     if service.classifier is not None:
         return JSONResponse({"status": "ready"})
     status = "failed" if service.load_error else "loading"
@@ -303,7 +294,8 @@ async def prometheus_metrics() -> Response:
 
 
 @http.get("/health/deep")
-async def deep(service: Service) -> dict[str, Any]:
+async def deep() -> dict[str, Any]:
+    service = the_service()
     src, clf = service.source, service.classifier
     return {
         "status": "ready" if clf else ("failed" if service.load_error else "loading"),

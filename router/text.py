@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
-
-_WHITESPACE = re.compile(r"\s+")
 
 
 def format_query(instruction: str, context: str | None = None) -> str:
@@ -25,7 +22,7 @@ def normalize(text: str) -> str:
     BERT-family tokenizers split on whitespace, so this changes nothing the model sees; it is what both the model
     and the cache key are computed from, so two texts with one key always get one answer.
     """
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return " ".join(unicodedata.normalize("NFC", text).split())  # split(): runs of str.isspace(), like re's \s
 
 
 def cache_key(model_identity: str, normalized_text: str) -> str:

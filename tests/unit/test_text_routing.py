@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 
 from router.routing import Prediction, route
@@ -17,6 +20,15 @@ def test_format_query_puts_context_after_a_blank_line() -> None:
 def test_normalize_collapses_whitespace_and_unicode_forms() -> None:
     assert normalize("  Hello \n\n  world\t! ") == "Hello world !"
     assert normalize("e\u0301") == normalize("\u00e9") == "\u00e9"  # NFD and NFC spell one key
+
+
+def test_normalize_treats_every_unicode_whitespace_as_a_separator() -> None:
+    """str.split() separates on the same characters as re's `\\s` (used before), so cache keys did not change."""
+    characters = [chr(c) for c in range(sys.maxunicode + 1)]
+    spaces = [c for c in characters if c.isspace()]
+    assert [c for c in characters if re.fullmatch(r"\s", c)] == spaces and len(spaces) == 29
+    for s in spaces:
+        assert normalize(f"{s}a{s}{s}b{s}") == "a b"
 
 
 def test_cache_key_depends_on_model_and_text_and_hides_the_text() -> None:
