@@ -57,15 +57,13 @@ CALIBRATION_TEXT = (
     "Summarize the following paragraph for a busy reader in two sentences, keeping the names, the dates and the "
     "numbers exactly as they are written, and leave out any opinion that the author states about the events."
 )
-ROUTES = frozenset(
-    {"/v1/query-classify", "/v1/query-classify:batch", "/health/live", "/health/ready", "/health/deep", "/metrics"}
-)
+CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
+ROUTES = frozenset({*CLASSIFY_ROUTES, "/health/live", "/health/ready", "/health/deep", "/metrics"})
 
 http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
 http.add_exception_handler(RequestValidationError, validation_error)
 http.add_exception_handler(HTTPException, http_error)
 http.add_exception_handler(ApiError, api_error)
-CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
 http.add_middleware(BodyRules, max_bytes=settings.max_body_bytes, json_paths=CLASSIFY_ROUTES)
 http.add_middleware(CancelOnDisconnect, paths=CLASSIFY_ROUTES)
 metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them

@@ -239,9 +239,9 @@ class CancelOnDisconnect:
     """ASGI middleware: when a client hangs up before its answer is sent, stop working on its request.
 
     uvicorn keeps running a handler whose client has gone. Under overload, clients time out and retry, and the model
-    would spend its forward passes on answers nobody reads. Once the body is read, this middleware waits for uvicorn's
-    `http.disconnect` and cancels the handler: its texts leave the batch queue (router.batching) and the request is
-    recorded (access log, metrics) with status 499.
+    would spend its forward passes on answers nobody reads. From WATCH_AFTER_S after the body is read, this middleware
+    waits for uvicorn's `http.disconnect` and cancels the handler: its texts leave the batch queue (router.batching)
+    and the request is recorded (access log, metrics) with status 499.
     """
 
     WATCH_AFTER_S = 0.05  # an answer sooner than this has nothing left to cancel; a cache hit takes ~0.1 ms
@@ -268,7 +268,7 @@ class CancelOnDisconnect:
             return message
 
         def watching() -> asyncio.Task[Message]:
-            """The watcher starts WATCH_AFTER_S after the body was read: a task per request cost a cache hit ~5 %."""
+            """The watcher, started WATCH_AFTER_S after the body: a task per request made a cache hit 111 us, not 99."""
             nonlocal watcher
             if watcher is None:
                 watcher = asyncio.ensure_future(watch())
