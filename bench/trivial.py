@@ -36,4 +36,4 @@ async def metrics() -> Response:
 @bentoml.service(name="trivial", **service_options(settings, ["/v1/query-classify", "/health/ready", "/metrics"]))
 @bentoml.asgi_app(http, path="/")
 class Trivial:
-    """Module-level routes, like the router's (service.current_service says why)."""
+    """Module-level routes, like the router's (service.the_service says why)."""
