@@ -64,3 +64,17 @@ def test_forward_passes_side_by_side_give_the_answers_of_one_at_a_time(embedded:
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(classifier.predict, batches))
     assert together == alone
+
+
+def test_the_exported_graph_computes_attention_with_plain_ops(embedded: ModelSource, tmp_path: Path) -> None:
+    """Eager attention, not PyTorch's SDPA: its export adds an IsNaN/Where pass over every layer's attention
+    weights, 13 % of a forward pass (README § Performance)."""
+    from collections import Counter
+
+    import onnx
+
+    Classifier.load(embedded, Settings(model_backend="onnx", onnx_cache_dir=str(tmp_path)))
+    (entry,) = tmp_path.iterdir()
+    ops = Counter(node.op_type for node in onnx.load(entry / "model.onnx").graph.node)
+    assert ops["Softmax"] == 6  # one per layer of the MiniLM backbone
+    assert ops["IsNaN"] == 0
