@@ -148,6 +148,13 @@ class QueryRouter:
     def __is_ready__(self) -> bool:
         return self.classifier is not None
 
+    @property
+    def load_status(self) -> str:
+        """What /health/ready and /health/deep report: "ready", "failed" (see load_error) or "loading"."""
+        if self.classifier is not None:
+            return "ready"
+        return "failed" if self.load_error else "loading"
+
     # --- the model, batched by BentoML ---------------------------------------------------------------------------
 
     @bentoml.api(
@@ -279,10 +286,9 @@ async def live() -> dict[str, str]:
 @http.get("/health/ready")
 async def ready() -> JSONResponse:
     service = the_service()
-    if service.classifier is not None:
+    if service.load_status == "ready":
         return JSONResponse({"status": "ready"})
-    status = "failed" if service.load_error else "loading"
-    return JSONResponse({"status": status, "error": service.load_error}, status_code=503)
+    return JSONResponse({"status": service.load_status, "error": service.load_error}, status_code=503)
 
 
 @http.get("/metrics", include_in_schema=False)
@@ -296,7 +302,7 @@ async def deep() -> dict[str, Any]:
     service = the_service()
     src, clf = service.source, service.classifier
     return {
-        "status": "ready" if clf else ("failed" if service.load_error else "loading"),
+        "status": service.load_status,
         "error": service.load_error,
         "model": {
             "source": src.origin if src else None,
