@@ -35,6 +35,7 @@ from router.api import (
     http_error,
     request_models,
     service_options,
+    use_request_timeout,
     validation_error,
 )
 from router.batching import AdaptiveBatcher, Overloaded
@@ -68,6 +69,7 @@ http.add_middleware(BodyRules, max_bytes=settings.max_body_bytes, json_paths=CLA
 http.add_middleware(CancelOnDisconnect, paths=CLASSIFY_ROUTES)
 metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them
 http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
+use_request_timeout()  # REQUEST_TIMEOUT_SEC without BentoML's timer per request (router.api.RequestTimeout)
 
 
 @bentoml.service(name="query_router", **service_options(settings, [*ROUTES, "/classify"]))

@@ -8,13 +8,14 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.api import request_models, service_options
+from router.api import request_models, service_options, use_request_timeout
 from router.config import Settings
 from router.metrics import exposition
 
 settings = Settings()
 ClassifyRequest, _ = request_models(settings.max_text_chars, settings.max_batch_texts)
 http = FastAPI()
+use_request_timeout()  # as the router does
 
 
 @http.post("/v1/query-classify")

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(2048, ge=1, description="Longest accepted text (characters as sent).")
     max_batch_texts: int = Field(64, ge=1, le=1024, description="Most texts one call of the batch route takes.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest accepted request body.")
+    request_timeout_sec: float = Field(
+        30, gt=0, le=3600, description="A request with no answer started after this gets a 504 (e.g. a stalled body)."
+    )
 
     # --- cache ---
     cache_l1_size: int = Field(10000, ge=0, description="Entries in the in-process L1 cache; 0 disables it.")

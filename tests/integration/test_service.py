@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.conftest import RedisServer, Server
 pytestmark = pytest.mark.integration
 
 P_FAST = 1 / (1 + math.exp(-6.0))  # softmax([3, -3])[0], the fast_model's answer for every text
+REQUEST_TIMEOUT_SEC = 3  # the module's server: every answer here starts well within it
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, fast_model: Path) -> Iterat
     """One service on the constant fast model, shared by the read-only tests of this module."""
     from tests.conftest import serve
 
-    with serve({"MODEL_PATH": str(fast_model)}, tmp_path_factory.mktemp("logs")) as running:
+    env = {"MODEL_PATH": str(fast_model), "REQUEST_TIMEOUT_SEC": str(REQUEST_TIMEOUT_SEC)}
+    with serve(env, tmp_path_factory.mktemp("logs")) as running:
         yield running
 
 
@@ -83,6 +87,26 @@ def test_bad_input_gets_a_clear_4xx_and_caches_nothing(
     assert isinstance(error["message"], str) and error["message"]
     assert server.deep()["cache"]["l1_entries"] == entries  # type: ignore[index]
     assert server.metric("router_decisions_total") == decisions
+
+
+def test_a_body_that_stops_arriving_gets_a_504_after_the_request_timeout(server: Server) -> None:
+    timeouts = server.metric("router_requests_total", route="/v1/query-classify", status="504")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            b"POST /v1/query-classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"text": "the rest never co'
+        )
+        client.settimeout(REQUEST_TIMEOUT_SEC + 10)
+        start = time.monotonic()
+        answer = client.recv(65536)
+        waited = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 504 ")
+    assert b'"status":"DEADLINE_EXCEEDED"' in answer
+    assert REQUEST_TIMEOUT_SEC - 0.5 < waited < REQUEST_TIMEOUT_SEC + 5
+    # Counted as what the client got, not as the cancellation that ended the handler.
+    assert server.metric("router_requests_total", route="/v1/query-classify", status="504") == timeouts + 1
+    assert server.classify("still answering after a timeout").status_code == 200
 
 
 def test_the_limit_counts_the_text_as_sent(server: Server) -> None:
