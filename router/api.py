@@ -360,21 +360,22 @@ class RequestTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        deadline = asyncio.timeout(self.timeout)
+        scope[self.SCOPE_KEY] = deadline  # so RequestObserver records the 504, not the cancellation's 500
         started = False
+
+        async def started_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                deadline.reschedule(None)
+            await send(message)
+
         try:
-            async with asyncio.timeout(self.timeout) as deadline:
-                scope[self.SCOPE_KEY] = deadline  # so RequestObserver records the 504, not the cancellation's 500
-
-                async def started_send(message: Message) -> None:
-                    nonlocal started
-                    if message["type"] == "http.response.start":
-                        started = True
-                        deadline.reschedule(None)
-                    await send(message)
-
+            async with deadline:
                 await self.app(scope, receive, started_send)
         except TimeoutError:
-            if started:  # cannot happen (the deadline is off once the answer starts), but never send two starts
+            if started or not deadline.expired():  # the app's own TimeoutError is not a deadline passed here
                 raise
             await error_response(504, f"no answer within {self.timeout:g} s")(scope, receive, send)
 

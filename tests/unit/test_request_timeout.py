@@ -11,6 +11,7 @@ import importlib.util
 import json
 from typing import Any
 
+import pytest
 from bentoml._internal.server.http import traffic
 from starlette.types import Message, Receive, Scope, Send
 
@@ -94,3 +95,11 @@ def test_an_answer_that_has_started_is_not_cut_off() -> None:
 
     sent = asyncio.run(call(RequestTimeout(slow_body, timeout=0.05), [REQUEST]))
     assert [m.get("status") or m.get("body") for m in sent] == [200, b"done"]
+
+
+def test_a_timeout_error_of_the_app_itself_is_not_a_504() -> None:
+    async def times_out_on_its_own(scope: Scope, receive: Receive, send: Send) -> None:
+        raise TimeoutError("a client library's own timeout")
+
+    with pytest.raises(TimeoutError, match="own timeout"):
+        asyncio.run(call(RequestTimeout(times_out_on_its_own, timeout=30), [REQUEST]))
