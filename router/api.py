@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from bentoml._internal.server.http import traffic  # pinned: bentoml==1.4.40 (use_request_timeout)
@@ -25,6 +26,7 @@ STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
     404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
     405: "METHOD_NOT_ALLOWED",
     413: "INVALID_ARGUMENT",
     415: "INVALID_ARGUMENT",
@@ -116,12 +118,13 @@ class ErrorBody(BaseModel):
 ERROR_REASONS = {
     400: "The body is not valid JSON.",
     401: "API_KEY is set and the Authorization: Bearer header is missing or wrong.",
+    408: "The request body had not all arrived after REQUEST_TIMEOUT_SEC.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "Content-Type is not JSON.",
     422: "The body does not match the request schema.",
     500: "Inference failed for this text.",
     503: "The model is not ready, or the service is overloaded (see Retry-After).",
-    504: "No answer had started after REQUEST_TIMEOUT_SEC (e.g. a request body that stopped arriving).",
+    504: "No answer had started after REQUEST_TIMEOUT_SEC.",
 }
 # OpenAPI `responses` of the classify routes, all in the ErrorBody shape (FastAPI's own 422 included).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -230,9 +233,9 @@ class RequestObserver:
         try:
             await self.app(scope, receive, timed_send)
         except asyncio.CancelledError:
-            deadline = scope.get(RequestTimeout.SCOPE_KEY)
-            if deadline is not None and deadline.expired():
-                status = 504  # RequestTimeout (outside this middleware) answers it
+            deadline: RequestDeadline | None = scope.get(RequestTimeout.SCOPE_KEY)
+            if deadline is not None and (timed_out := deadline.status()):
+                status = timed_out  # RequestTimeout (outside this middleware) answers it
             raise
         finally:
             in_progress.dec()
@@ -340,9 +343,24 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+@dataclass
+class RequestDeadline:
+    """One request's REQUEST_TIMEOUT_SEC: `RequestTimeout` keeps it in the ASGI scope, `RequestObserver` reads it."""
+
+    timeout: asyncio.Timeout
+    body_received: bool = False
+
+    def status(self) -> int | None:
+        """The status the request gets once its deadline passed, else None: 408 when the client had not finished
+        sending its body (the client's doing, not a server error that pages anyone), else 504."""
+        if not self.timeout.expired():
+            return None
+        return 504 if self.body_received else 408
+
+
 class RequestTimeout:
-    """ASGI middleware that stands in for BentoML's `TimeoutMiddleware` (the service's `traffic.timeout`): a 504 when
-    no answer has started within `timeout` seconds.
+    """ASGI middleware that stands in for BentoML's `TimeoutMiddleware` (the service's `traffic.timeout`): when no
+    answer has started within `timeout` seconds, a 408 if the request body had not all arrived, else a 504.
 
     BentoML 1.4.40's own arms a `call_later` timer per request and never cancels it, so every answered request keeps a
     timer, a future and a bound method in the event loop for the whole timeout: 150,000 of each at 5,000 cache hits/s
@@ -360,24 +378,32 @@ class RequestTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = asyncio.timeout(self.timeout)
-        scope[self.SCOPE_KEY] = deadline  # so RequestObserver records the 504, not the cancellation's 500
+        deadline = RequestDeadline(asyncio.timeout(self.timeout))
+        scope[self.SCOPE_KEY] = deadline  # so RequestObserver records the 408/504, not the cancellation's 500
         started = False
+
+        async def body_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                deadline.body_received = True
+            return message
 
         async def started_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                deadline.reschedule(None)
+                deadline.timeout.reschedule(None)
             await send(message)
 
         try:
-            async with deadline:
-                await self.app(scope, receive, started_send)
+            async with deadline.timeout:
+                await self.app(scope, body_receive, started_send)
         except TimeoutError:
-            if started or not deadline.expired():  # the app's own TimeoutError is not a deadline passed here
+            status = deadline.status()
+            if started or status is None:  # the app's own TimeoutError is not a deadline passed here
                 raise
-            await error_response(504, f"no answer within {self.timeout:g} s")(scope, receive, send)
+            what = "answer" if status == 504 else "complete request body"
+            await error_response(status, f"no {what} within {self.timeout:g} s")(scope, receive, send)
 
 
 def use_request_timeout() -> None:

@@ -72,7 +72,10 @@ class Settings(BaseSettings):
     max_batch_texts: int = Field(64, ge=1, le=1024, description="Most texts one call of the batch route takes.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest accepted request body.")
     request_timeout_sec: float = Field(
-        30, gt=0, le=3600, description="A request with no answer started after this gets a 504 (e.g. a stalled body)."
+        30,
+        gt=0,
+        le=3600,
+        description="A request with no answer started after this gets a 408 (body not all sent) or a 504.",
     )
 
     # --- cache ---

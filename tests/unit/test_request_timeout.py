@@ -78,12 +78,23 @@ def test_bentomls_own_middleware_keeps_a_timer_per_answered_request() -> None:
     assert timers_left_by_100_answers(bentomls_timeout_middleware()) == 100
 
 
-def test_a_stalled_body_gets_a_504_in_the_error_shape() -> None:
+def test_a_stalled_body_gets_a_408_in_the_error_shape() -> None:
     app = RequestTimeout(answer_at_once, timeout=0.05)
     sent = asyncio.run(call(app, []))  # the client never sends its body
-    assert sent[0]["status"] == 504
+    assert sent[0]["status"] == 408
     error = json.loads(sent[1]["body"])["error"]
-    assert error["code"] == 504 and error["status"] == "DEADLINE_EXCEEDED"
+    assert error["code"] == 408 and error["status"] == "DEADLINE_EXCEEDED"
+    assert "request body" in error["message"]
+
+
+def test_an_answer_that_never_starts_gets_a_504() -> None:
+    async def never_answers(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await asyncio.sleep(10)
+
+    sent = asyncio.run(call(RequestTimeout(never_answers, timeout=0.05), [REQUEST]))
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"])["error"]["status"] == "DEADLINE_EXCEEDED"
 
 
 def test_an_answer_that_has_started_is_not_cut_off() -> None:
