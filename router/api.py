@@ -26,8 +26,8 @@ STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
     404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
     405: "METHOD_NOT_ALLOWED",
+    408: "DEADLINE_EXCEEDED",
     413: "INVALID_ARGUMENT",
     415: "INVALID_ARGUMENT",
     422: "INVALID_ARGUMENT",
@@ -380,7 +380,6 @@ class RequestTimeout:
             return
         deadline = RequestDeadline(asyncio.timeout(self.timeout))
         scope[self.SCOPE_KEY] = deadline  # so RequestObserver records the 408/504, not the cancellation's 500
-        started = False
 
         async def body_receive() -> Message:
             message = await receive()
@@ -389,10 +388,8 @@ class RequestTimeout:
             return message
 
         async def started_send(message: Message) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
-                deadline.timeout.reschedule(None)
+                deadline.timeout.reschedule(None)  # from here on it cannot expire, so status() stays None
             await send(message)
 
         try:
@@ -400,7 +397,7 @@ class RequestTimeout:
                 await self.app(scope, body_receive, started_send)
         except TimeoutError:
             status = deadline.status()
-            if started or status is None:  # the app's own TimeoutError is not a deadline passed here
+            if status is None:  # the app's own TimeoutError, or one after the answer started: not ours to answer
                 raise
             what = "answer" if status == 504 else "complete request body"
             await error_response(status, f"no {what} within {self.timeout:g} s")(scope, receive, send)

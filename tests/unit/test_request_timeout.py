@@ -108,7 +108,7 @@ def test_an_answer_that_has_started_is_not_cut_off() -> None:
     assert [m.get("status") or m.get("body") for m in sent] == [200, b"done"]
 
 
-def test_a_timeout_error_of_the_app_itself_is_not_a_504() -> None:
+def test_a_timeout_error_of_the_app_itself_is_not_answered_as_a_timeout() -> None:
     async def times_out_on_its_own(scope: Scope, receive: Receive, send: Send) -> None:
         raise TimeoutError("a client library's own timeout")
 
