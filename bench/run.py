@@ -27,6 +27,7 @@ import psutil
 
 from bench.queries import QueryGenerator
 from bench.server import Server, serve
+from bench.targets import judge, machine, verdict_lines
 from router.config import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,7 +164,12 @@ def main() -> None:
     generator = QueryGenerator(seed=1)
     env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0", "ONNX_CACHE_DIR": str(work / "onnx-cache")}
     rows: list[dict[str, object]] = []
-    facts: dict[str, object] = {"backend": args.backend, "cpus": os.cpu_count(), "seconds_per_scenario": args.seconds}
+    facts: dict[str, object] = {
+        "backend": args.backend,
+        "cpus": os.cpu_count(),
+        **machine(),
+        "seconds_per_scenario": args.seconds,
+    }
 
     start = time.perf_counter()
     with serve(env, work):  # the first start of a model exports its graph (ONNX backends) into the empty cache
@@ -223,11 +229,13 @@ def report(rows: list[dict[str, object]], facts: dict[str, object]) -> None:
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     lines.append("")
     lines += [f"- {k}: {v}" for k, v in facts.items()]
+    verdicts = judge(rows, facts)
+    lines += ["", *verdict_lines(verdicts)]
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"{stamp}.json").write_text(json.dumps({"rows": rows, "facts": facts}, indent=2))
+    (RESULTS / f"{stamp}.json").write_text(json.dumps({"rows": rows, "facts": facts, "targets": verdicts}, indent=2))
     (RESULTS / f"{stamp}.md").write_text(table + "\n")
     print(f"\nsaved bench/results/{stamp}.json and .md (ratio: cold vs model alone, warm vs trivial endpoint)")
 
