@@ -140,13 +140,13 @@ def single_request_latency(server: Server, texts: list[str], cached: bool) -> fl
     return round(sorted(times)[len(times) // 2], 2)
 
 
-def model_alone(backend: str, texts: list[str], seconds: float = 15) -> float:
+def model_alone(backend: str, texts: list[str], seconds: float = 15, model_path: str | None = None) -> float:
     """Queries/s of batched forward passes in this process, with the service's settings, backend and workers."""
     from bench.backends import throughput
     from router.inference import Classifier
     from router.model import resolve_model
 
-    settings = Settings(model_backend=backend)  # type: ignore[arg-type]
+    settings = Settings(model_backend=backend, model_path=model_path)  # type: ignore[arg-type]
     classifier = Classifier.load(resolve_model(settings), settings)
     classifier.warm_up()
     workers = settings.parallelism()[0]
@@ -157,15 +157,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=15, help="Duration of each load scenario.")
     parser.add_argument("--backend", default=os.environ.get("MODEL_BACKEND", Settings().model_backend))
+    parser.add_argument("--model-path", help="A model folder to measure (MODEL_PATH); default: the embedded model.")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     generator = QueryGenerator(seed=1)
     env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0", "ONNX_CACHE_DIR": str(work / "onnx-cache")}
+    if args.model_path:
+        env["MODEL_PATH"] = str(Path(args.model_path).resolve())
     rows: list[dict[str, object]] = []
     facts: dict[str, object] = {
         "backend": args.backend,
+        "model": env.get("MODEL_PATH", "embedded"),
         "cpus": os.cpu_count(),
         **machine(),
         "seconds_per_scenario": args.seconds,
@@ -209,7 +213,8 @@ def main() -> None:
 
     # The texts the cold scenarios send (a dolly query with an opener and a tag, ~10 tokens longer than the bare
     # record, on which the model alone ran 15 % faster): the reference does the same work as the service.
-    facts["model_alone_qps"] = model_alone(args.backend, [generator.unique() for _ in generator.texts])
+    texts = [generator.unique() for _ in generator.texts]
+    facts["model_alone_qps"] = model_alone(args.backend, texts, model_path=env.get("MODEL_PATH"))
     facts["trivial_rps_64"] = trivial_row["rps"]
     for row in rows:
         if row["errors"]:
