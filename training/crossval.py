@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold", type=float, help="One fixed threshold for the sweep's routed report; default: the service's."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.distill_from:
+        # A teacher trained on the fixed split has seen every fold's held-out records: its answers would leak them.
+        parser.error("--distill-from: the teacher has seen the records each fold holds out")
+    return args
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ from transformers import (
 
 from router.config import Settings
 from router.model import BACKBONE_ID, backbone_path
-from training import data, threshold
+from training import data, distill, threshold
 from training.pushgateway import PushgatewayCallback, TrainingMetrics
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,15 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=128, help="Token limit of a training text.")
     parser.add_argument(
         "--num-layers", type=int, help="Keep only the base's first N transformer layers (a faster model); default: all."
+    )
+    parser.add_argument(
+        "--distill-from",
+        type=Path,
+        help="A trained model folder (the teacher) whose answers the model also learns (training/distill.py).",
+    )
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="Softens both models' answers.")
+    parser.add_argument(
+        "--distill-alpha", type=float, default=0.5, help="Weight of the label loss; the rest is the teacher's."
     )
     parser.add_argument("--seed", type=int, default=42, help="Seeds the split, the head's init and the shuffling.")
     parser.add_argument("--lora-r", type=int, default=16)
@@ -156,7 +165,19 @@ def learning_rate(args: argparse.Namespace) -> float:
 def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the model, for a report (where the output goes and what it is called do not)."""
     recorded = {k: v for k, v in vars(args).items() if k not in {"output_dir", "pushgateway_url", "run_id"}}
-    return recorded | {"learning_rate": learning_rate(args), "data": str(args.data) if args.data else None}
+    teacher = args.distill_from
+    return recorded | {
+        "learning_rate": learning_rate(args),
+        "data": str(args.data) if args.data else None,
+        "distill_from": teacher_identity(teacher) if teacher else None,
+    }
+
+
+def teacher_identity(folder: Path) -> dict[str, Any]:
+    """Which model taught this one: its folder and, when it has a training report, its run id."""
+    report = folder / "training_report.json"
+    run_id = json.loads(report.read_text()).get("run_id") if report.is_file() else None
+    return {"model": str(folder), "run_id": run_id}
 
 
 def encode(tokenizer: Any, examples: list[data.Example], max_length: int) -> Dataset:
@@ -180,6 +201,10 @@ def fit(
     """A fresh model trained on `train_examples`, holding the epoch with the lowest validation loss."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Before the seed: loading the teacher draws random numbers (weight init before its weights are read), and the
+    # student's head must start from the same draw as in a run without a teacher.
+    texts = [e.text for e in train_examples]
+    answers = distill.teacher_logits(args.distill_from, texts, args.max_length) if args.distill_from else []
     set_seed(args.seed)
     training_args = TrainingArguments(
         output_dir=checkpoints,
@@ -202,16 +227,26 @@ def fit(
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
+        remove_unused_columns=not args.distill_from,  # keep the teacher's column: forward() does not take it
     )
-    trainer = Trainer(
-        model=build_model(args),
-        args=training_args,
-        train_dataset=encode(tokenizer, train_examples, args.max_length),
-        eval_dataset=encode(tokenizer, validation_examples, args.max_length),
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience), *callbacks],
-    )
+    common: dict[str, Any] = {
+        "args": training_args,
+        "eval_dataset": encode(tokenizer, validation_examples, args.max_length),
+        "data_collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": compute_metrics,
+        "callbacks": [EarlyStoppingCallback(early_stopping_patience=args.patience), *callbacks],
+    }
+    train_dataset = encode(tokenizer, train_examples, args.max_length)
+    if args.distill_from:
+        trainer: Trainer = distill.DistillationTrainer(
+            model=build_model(args),
+            train_dataset=train_dataset.add_column(distill.TEACHER_LOGITS, answers),
+            temperature=args.distill_temperature,
+            alpha=args.distill_alpha,
+            **common,
+        )
+    else:
+        trainer = Trainer(model=build_model(args), train_dataset=train_dataset, **common)
     trainer.train()
     return trainer
 

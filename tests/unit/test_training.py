@@ -147,3 +147,38 @@ def test_crossval_predicts_every_record_once_with_a_model_that_never_saw_it(tmp_
     assert not any(row["text"] in test_texts for row in report["disagreements"])
     for row in report["disagreements"]:
         assert (row["p_slow"] >= 0.5) != (row["label"] == data.SLOW)
+
+
+def test_distillation_pulls_the_student_towards_the_teachers_answers(
+    tmp_path: Path, fast_model: Path, slow_model: Path
+) -> None:
+    """The student starts answering "1" for every text (0.881), the teacher answers "0" for every text (0.998).
+    With the labels switched off (alpha 0) all the student learns is the teacher: it ends up answering "0"."""
+    args = ["--base-model", str(slow_model), "--method", "full", "--learning-rate", "0.1"]
+    args += ["--max-epochs", "4", "--patience", "10", "--distill-from", str(fast_model), "--distill-alpha", "0"]
+    report = run(tmp_path, *args)
+    classifier = Classifier.load(
+        ModelSource(path=tmp_path / "model", origin="path", name="student"), Settings(model_backend="torch")
+    )
+    texts = [e.text for e in data.to_examples(data.load_jsonl(SAMPLE))[0]]
+    assert {p.label for p in classifier.predict(texts)} == {"0"}
+    assert report["hyperparameters"]["distill_from"] == {"model": str(fast_model), "run_id": None}
+    assert report["hyperparameters"]["distill_alpha"] == 0
+
+
+def test_distillation_loss_is_the_label_loss_at_alpha_1_and_zero_when_the_student_matches() -> None:
+    import torch
+
+    from training.distill import distillation_loss
+
+    teacher = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    label_loss = torch.tensor(0.7)
+    assert distillation_loss(teacher + 5.0, teacher, label_loss, 2.0, 1.0).item() == pytest.approx(0.7)
+    # Shifting every logit of a text by the same amount leaves its answer, so the teacher term is zero.
+    assert distillation_loss(teacher + 5.0, teacher, label_loss, 2.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(-teacher, teacher, label_loss, 2.0, 0.0).item() > 0.1
+
+
+def test_crossval_refuses_a_teacher(tmp_path: Path, fast_model: Path) -> None:
+    with pytest.raises(SystemExit):
+        crossval.parse_args(["--output-dir", str(tmp_path), "--distill-from", str(fast_model)])
