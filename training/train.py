@@ -1,9 +1,11 @@
 """Fine-tune a sequence classifier for the router: `python -m training.train --output-dir models/router`.
 
-The default run turns the packaged all-MiniLM-L6-v2 backbone into the shipped embedded model: a LoRA adapter plus
-the trained classifier head and pooler (peft `modules_to_save`), stored in float16, which `router.model` merges into
-the backbone at load time. `--method full` fine-tunes every weight and saves an ordinary Hugging Face model folder
-(with tokenizer) instead; that works for any `AutoModelForSequenceClassification` base, e.g. distilbert-base-uncased.
+The default run turns the packaged all-MiniLM-L6-v2 backbone into a LoRA adapter plus the trained classifier head
+and pooler (peft `modules_to_save`), stored in float16, which `router.model` merges into the backbone at load time.
+The shipped embedded model is that run's 4-layer student: `--num-layers 4 --distill-from <the default run's folder>`
+(training/distill.py, docs/model-card.md § Regenerate). `--method full` fine-tunes every weight and saves an
+ordinary Hugging Face model folder (with tokenizer) instead; that works for any `AutoModelForSequenceClassification`
+base, e.g. distilbert-base-uncased.
 """
 
 from __future__ import annotations
