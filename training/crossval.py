@@ -6,7 +6,9 @@ on it. Here every record of the train and validation splits is predicted once by
 validation part). That gives an accuracy over ten times as many records, the full list of disagreements to audit
 against the label rule, a threshold sweep, and a measure of how `training.threshold`'s per-model choice does on data
 it did not choose on (each fold's model routes its test part at the threshold chosen on its own validation part).
-The test split is left out, so it stays the final check of whatever this selects. Nothing is saved but
+The test split is left out, so it stays the final check of whatever this selects. `--distill-layers N` cross-validates
+distillation: each fold first trains a teacher on its own train part, so no answer the student learns from has
+seen the fold's test records (a fixed `--distill-from` teacher would have). Nothing is saved but
 `crossval_report.json` and `crossval_predictions.json`; the shipped model still comes from `training.train`.
 """
 
@@ -19,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,10 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold", type=float, help="One fixed threshold for the sweep's routed report; default: the service's."
     )
+    parser.add_argument(
+        "--distill-layers",
+        type=int,
+        help="Cross-validate distillation: each fold trains a teacher (the recipe as given, all its layers), then a "
+        "student of this many layers distilled from it; the report is the student's.",
+    )
     args = parser.parse_args(argv)
     if args.distill_from:
         # A teacher trained on the fixed split has seen every fold's held-out records: its answers would leak them.
-        parser.error("--distill-from: the teacher has seen the records each fold holds out")
+        parser.error("--distill-from: the teacher has seen the records each fold holds out; use --distill-layers")
     return args
 
 
@@ -73,6 +82,20 @@ def shipped_thresholds(
     return chose | threshold.rates(p_slow, labels, thresholds)
 
 
+def fit_fold(args: argparse.Namespace, tokenizer: Any, splits: data.Splits, work: Path, callbacks: list[Any]) -> Any:
+    """The fold's model: the recipe trained on the fold's train part, or with `--distill-layers` a student taught by
+    a teacher trained on that same part, so no answer it learns from has seen the fold's test records."""
+    if not args.distill_layers:
+        return train.fit(args, tokenizer, splits.train, splits.validation, str(work / "checkpoints"), callbacks)
+    teacher_args = argparse.Namespace(**vars(args) | {"distill_layers": None})
+    teacher = train.fit(teacher_args, tokenizer, splits.train, splits.validation, str(work / "teacher-checkpoints"), [])
+    train.save(teacher.model, tokenizer, teacher_args, work / "teacher")
+    student_args = argparse.Namespace(
+        **vars(args) | {"num_layers": args.distill_layers, "distill_from": work / "teacher"}
+    )
+    return train.fit(student_args, tokenizer, splits.train, splits.validation, str(work / "checkpoints"), callbacks)
+
+
 def crossval(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     settings = Settings()
@@ -92,8 +115,8 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
     for fold, (test_indices, splits) in enumerate(data.folds(examples, args.folds, args.seed)):
         url = args.pushgateway_url  # each fold is a run of its own on the training dashboard
         callbacks = [PushgatewayCallback(TrainingMetrics(url, f"{run_id}-fold{fold + 1}"))] if url else []
-        with tempfile.TemporaryDirectory(prefix="router-crossval-") as checkpoints:
-            trainer = train.fit(args, tokenizer, splits.train, splits.validation, checkpoints, callbacks)
+        with tempfile.TemporaryDirectory(prefix="router-crossval-") as work:
+            trainer = fit_fold(args, tokenizer, splits, Path(work), callbacks)
         p_slow[test_indices] = predict_slow(trainer.model, tokenizer, [e.text for e in splits.test], args.max_length)
         p_validation = predict_slow(trainer.model, tokenizer, [e.text for e in splits.validation], args.max_length)
         y_validation = np.array([e.label for e in splits.validation])

@@ -182,3 +182,27 @@ def test_distillation_loss_is_the_label_loss_at_alpha_1_and_zero_when_the_studen
 def test_crossval_refuses_a_teacher(tmp_path: Path, fast_model: Path) -> None:
     with pytest.raises(SystemExit):
         crossval.parse_args(["--output-dir", str(tmp_path), "--distill-from", str(fast_model)])
+
+
+def test_crossval_distills_a_student_from_a_teacher_trained_on_each_folds_own_records(
+    tmp_path: Path, fast_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[tuple[int | None, bool, int]] = []  # (layers, taught by a saved teacher, training records)
+    real_fit = train.fit
+
+    def recording_fit(args, tokenizer, train_examples, *rest):  # type: ignore[no-untyped-def]
+        taught = args.distill_from is not None and holds_model(args.distill_from)
+        runs.append((args.num_layers, taught, len(train_examples)))
+        return real_fit(args, tokenizer, train_examples, *rest)
+
+    monkeypatch.setattr(train, "fit", recording_fit)
+    args = ["--output-dir", str(tmp_path), "--data", str(SAMPLE), "--batch-size", "8", "--max-length", "64"]
+    args += ["--base-model", str(fast_model), "--method", "full", "--max-epochs", "1", "--folds", "3"]
+    report = crossval.crossval(crossval.parse_args([*args, "--distill-layers", "1"]))
+    # Per fold: a teacher with the recipe's own layers, then a 1-layer student taught by it, on the same records.
+    assert [(layers, taught) for layers, taught, _ in runs] == [(None, False), (1, True)] * 3
+    assert all(runs[i][2] == runs[i + 1][2] for i in range(0, 6, 2))
+    assert report["hyperparameters"]["distill_layers"] == 1
+    assert report["hyperparameters"]["distill_from"] is None  # each fold's teacher is its own, not a fixed one
+    assert report["data"]["crossvalidated"] == 36 and len(report["fold_accuracy"]) == 3
+    assert sum(report["model"]["per_label"][k]["support"] for k in "01") == 36
