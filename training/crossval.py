@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from router.config import Settings
 from router.model import backbone_path
 from router.routing import pick_threshold
-from training import data, evaluate, threshold, train
+from training import data, distill, evaluate, threshold, train
 from training.pushgateway import PushgatewayCallback, TrainingMetrics
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@torch.inference_mode()
-def predict_slow(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """P(slow) per text, in the texts' order (`Trainer.predict` sorts its input by length when grouping is on)."""
-    model.eval()
-    p_slow = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        ).to(model.device)
-        p_slow.append(torch.softmax(model(**batch).logits.float(), dim=-1)[:, data.SLOW].cpu().numpy())
-    return np.concatenate(p_slow)
+def predict_slow(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
+    """P(slow) per text, in the texts' order."""
+    return torch.softmax(distill.logits(model, tokenizer, texts, max_length), dim=-1)[:, data.SLOW].cpu().numpy()
 
 
 def shipped_thresholds(

@@ -21,17 +21,24 @@ from router.model import ModelSource, load_model
 TEACHER_LOGITS = "teacher_logits"  # the training dataset's column of the teacher's answers
 
 
-def teacher_logits(folder: Path, texts: list[str], max_length: int, batch_size: int = 64) -> list[list[float]]:
+@torch.inference_mode()
+def logits(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """A model's logits for `texts`, in the texts' order (`Trainer.predict` sorts its input by length when grouping
+    is on), in eval mode; `training.crossval` reads its folds' predictions through this too."""
+    model.eval()
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        ).to(model.device)
+        batches.append(model(**encoded).logits.float())
+    return torch.cat(batches) if batches else torch.empty(0, 2)
+
+
+def teacher_logits(folder: Path, texts: list[str], max_length: int) -> list[list[float]]:
     """The teacher's logits for `texts`, with the model loaded as the service loads it (adapter merged, fp32)."""
     model, tokenizer = load_model(ModelSource(path=folder, origin="path", name=str(folder)))
-    logits = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            encoded = tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            logits.append(model(**encoded).logits.float())
-    return torch.cat(logits).tolist() if logits else []
+    return logits(model, tokenizer, texts, max_length).tolist()
 
 
 def distillation_loss(
