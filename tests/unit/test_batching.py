@@ -145,6 +145,37 @@ async def test_with_two_workers_two_passes_run_at_once() -> None:
     batcher.shutdown()
 
 
+async def test_while_every_worker_is_busy_the_dispatcher_sleeps_until_a_pass_ends() -> None:
+    """BentoML's controller looked at its semaphore every millisecond while the workers were busy; ours waits."""
+    model = RecordingModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=5000)
+    for i in range(12):
+        await batcher.run(f"warm{i}")
+    decisions = 0
+    dispatch_next = batcher.dispatcher._dispatch_next
+
+    async def counted() -> None:
+        nonlocal decisions
+        decisions += 1
+        await dispatch_next()
+
+    batcher.dispatcher._dispatch_next = counted  # type: ignore[method-assign]
+    await batcher.run("wake")  # the controller now runs the counted loop
+    model.batches.clear()
+    model.release.clear()
+    busy = asyncio.create_task(batcher.run("busy"))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(batcher.run(f"q{i}")) for i in range(3)]
+    await asyncio.sleep(0.05)
+    decisions = 0
+    await asyncio.sleep(0.3)  # the worker stays busy: polling every 1 ms would decide ~300 times here
+    assert decisions == 0
+    model.release.set()
+    assert await busy == "BUSY" and await asyncio.gather(*queued) == ["Q0", "Q1", "Q2"]
+    assert sorted(model.batches[-1]) == ["q0", "q1", "q2"]  # dispatched once the pass ended, in one batch
+    batcher.shutdown()
+
+
 def test_expected_wait_counts_the_busy_workers_and_spreads_the_queue_over_them() -> None:
     batcher = AdaptiveBatcher(RecordingModel(), max_batch_size=4, max_latency_ms=5000, workers=2)
     batcher.cost = (0.1, 0.01)
