@@ -226,7 +226,7 @@ class QueryRouter:
         except Exception as exc:
             log.exception("inference failed")
             raise ApiError(500, "inference failed") from exc
-        await self.cache.put(key, prediction)
+        self.cache.put(key, prediction)
         return prediction
 
     # --- BentoML-native API (for bentoml.SyncHTTPClient / AsyncHTTPClient) -----------------------------------

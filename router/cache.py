@@ -4,6 +4,10 @@ It stores the model's raw prediction, never the routed label, so a new CONFIDENC
 come from `router.text.cache_key` (model identity + text hash). Redis is optional and never fails a request: every
 command has a millisecond timeout, and after a failure a breaker skips Redis for a back-off that doubles up to a
 minute, then lets a single request probe it.
+
+Redis commands are coalesced per turn of the event loop: the lookups of all requests that reach L2 in one turn go
+as one MGET, and answers are written behind, one pipeline per turn, without the request waiting for them. Under
+64 cold clients a GET and a SET per miss took 4-12 % of the throughput (README § Performance).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from cachetools import TTLCache
@@ -76,6 +80,9 @@ class TwoLevelCache:
         self.key_prefix = key_prefix
         self.timeout_sec = timeout_sec
         self.breaker = breaker or Breaker(5.0)
+        self.lookups: dict[str, list[asyncio.Future[Prediction | None]]] = {}  # this turn's L2 reads, by key
+        self.writes: dict[str, str] = {}  # this turn's L2 writes: Redis key -> value
+        self.flushes: set[asyncio.Task[None]] = set()  # the running MGETs and write pipelines
         metrics.redis_up.set(1 if redis is not None else 0)
 
     def get_l1(self, key: str) -> Prediction | None:
@@ -93,26 +100,77 @@ class TwoLevelCache:
         """The Redis entry, if any; a hit fills L1. None when L2 is off, down or misses."""
         if self.redis is None:
             return None
-        raw = await self._redis_call("get", self.key_prefix + key)
-        if raw is None:
-            self.metrics.cache_misses.labels("l2").inc()
-            return None
-        label, confidence = json.loads(raw)
-        prediction = Prediction(str(label), float(confidence))
-        self.metrics.cache_hits.labels("l2").inc()
-        if self.l1 is not None:
-            self.l1[key] = prediction
+        answer: asyncio.Future[Prediction | None] = asyncio.get_running_loop().create_future()
+        if not self.lookups:
+            self._start(self._look_up())  # runs next turn, with every lookup queued in this one
+        self.lookups.setdefault(key, []).append(answer)
+        prediction = await answer
+        counter = self.metrics.cache_misses if prediction is None else self.metrics.cache_hits
+        counter.labels("l2").inc()
         return prediction
 
     async def get(self, key: str) -> Prediction | None:
         """L1, then L2; None on a miss of both."""
         return self.get_l1(key) or await self.get_l2(key)
 
-    async def put(self, key: str, prediction: Prediction) -> None:
+    def put(self, key: str, prediction: Prediction) -> None:
+        """Into L1 now; into L2 with this turn's other writes, in the background (`flush` waits for it)."""
         if self.l1 is not None:
             self.l1[key] = prediction
-        value = json.dumps([prediction.label, prediction.confidence])
-        await self._redis_call("set", self.key_prefix + key, value, ex=self.l2_ttl_sec)
+        if self.redis is None:
+            return
+        if not self.writes:
+            self._start(self._write())
+        self.writes[self.key_prefix + key] = json.dumps([prediction.label, prediction.confidence])
+
+    async def flush(self) -> None:
+        """Wait for the lookups and writes already sent (at shutdown, so no answer is lost on the way)."""
+        while self.flushes:
+            await asyncio.gather(*self.flushes)
+
+    def _start(self, flush: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(flush)
+        self.flushes.add(task)
+        task.add_done_callback(self.flushes.discard)
+
+    async def _look_up(self) -> None:
+        """One MGET for the keys queued in the turn before; every waiter gets an answer, None if Redis had none."""
+        lookups, self.lookups = self.lookups, {}
+        found: list[Prediction | None] = [None] * len(lookups)
+        try:
+            raws = await self._redis_call("get", lambda redis: redis.mget([self.key_prefix + k for k in lookups]))
+            if raws is not None:
+                found = [self._decode(raw) for raw in raws]
+        finally:
+            for (key, answers), prediction in zip(lookups.items(), found, strict=True):
+                if prediction is not None and self.l1 is not None:
+                    self.l1[key] = prediction
+                for answer in answers:
+                    if not answer.done():  # its caller may have gone
+                        answer.set_result(prediction)
+
+    async def _write(self) -> None:
+        """One pipeline of SETs with the TTL for the writes queued in the turn before."""
+        writes, self.writes = self.writes, {}
+
+        async def set_all(redis: Any) -> Any:
+            async with redis.pipeline(transaction=False) as pipe:
+                for redis_key, value in writes.items():
+                    pipe.set(redis_key, value, ex=self.l2_ttl_sec)
+                return await pipe.execute()
+
+        await self._redis_call("set", set_all)
+
+    @staticmethod
+    def _decode(raw: str | None) -> Prediction | None:
+        """A stored answer; None for no entry or one this code did not write (a miss, not a failed request)."""
+        if raw is None:
+            return None
+        try:
+            label, confidence = json.loads(raw)
+            return Prediction(str(label), float(confidence))
+        except (ValueError, TypeError):
+            return None
 
     async def redis_reachable(self) -> bool | None:
         """PING through the breaker-free path (for /health/deep); None when L2 is not configured."""
@@ -124,12 +182,14 @@ class TwoLevelCache:
         except Exception:
             return False
 
-    async def _redis_call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+    async def _redis_call(self, operation: str, command: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`command(redis)` within the timeout, through the breaker; None if skipped or failed (`operation` labels
+        the error metric: "get" or "set")."""
         if self.redis is None or not self.breaker.allow():
             return None
         try:
             async with asyncio.timeout(self.timeout_sec):
-                result = await getattr(self.redis, operation)(*args, **kwargs)
+                result = await command(self.redis)
         except Exception as exc:  # timeouts, refused connections, server errors: all mean "skip L2 for now"
             self.metrics.redis_errors.labels(operation).inc()
             if not self.breaker.failed or self.breaker.probing:
@@ -150,6 +210,7 @@ class TwoLevelCache:
         return result
 
     async def close(self) -> None:
+        await self.flush()
         if self.redis is not None:
             await self.redis.aclose()
 

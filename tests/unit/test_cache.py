@@ -7,9 +7,11 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from router.cache import Breaker, SingleFlight, TwoLevelCache, connect_redis
 from router.metrics import RouterMetrics
@@ -49,7 +51,7 @@ def closed_port() -> int:
 async def test_l1_hit_after_put(metrics: RouterMetrics) -> None:
     cache = TwoLevelCache(metrics, l1_size=10, l1_ttl_sec=60)
     assert await cache.get("k") is None
-    await cache.put("k", Prediction("0", 0.9))
+    cache.put("k", Prediction("0", 0.9))
     assert await cache.get("k") == Prediction("0", 0.9)
     assert sample(metrics, "router_cache_hits_total", level="l1") == 1
     assert sample(metrics, "router_cache_misses_total", level="l1") == 1
@@ -58,7 +60,7 @@ async def test_l1_hit_after_put(metrics: RouterMetrics) -> None:
 async def test_l1_is_bounded_and_expires(metrics: RouterMetrics) -> None:
     cache = TwoLevelCache(metrics, l1_size=2, l1_ttl_sec=0.05)
     for i in range(5):
-        await cache.put(f"k{i}", Prediction("1", 0.6))
+        cache.put(f"k{i}", Prediction("1", 0.6))
     assert cache.l1 is not None and len(cache.l1) == 2
     await asyncio.sleep(0.1)
     assert cache.get_l1("k4") is None
@@ -67,7 +69,8 @@ async def test_l1_is_bounded_and_expires(metrics: RouterMetrics) -> None:
 async def test_l2_hit_fills_l1_of_another_instance(metrics: RouterMetrics, redis_prefix: str) -> None:
     writer = TwoLevelCache(metrics, 10, 60, redis=connect_redis(REDIS_URL, 0.5), key_prefix=redis_prefix)
     reader = TwoLevelCache(metrics, 10, 60, redis=connect_redis(REDIS_URL, 0.5), key_prefix=redis_prefix)
-    await writer.put("model:abc", Prediction("0", 0.875))
+    writer.put("model:abc", Prediction("0", 0.875))  # L2 is written behind...
+    await writer.flush()  # ...and this waits for it
     assert reader.get_l1("model:abc") is None
     assert await reader.get("model:abc") == Prediction("0", 0.875)
     assert reader.get_l1("model:abc") == Prediction("0", 0.875)  # filled from L2
@@ -80,12 +83,45 @@ async def test_l2_hit_fills_l1_of_another_instance(metrics: RouterMetrics, redis
     await reader.close()
 
 
+class CountingRedis(Redis):
+    """The real client, counting the commands it sends one by one (a pipeline's go as one `execute`)."""
+
+    commands: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]).upper())
+        return await super().execute_command(*args, **options)
+
+
+async def test_the_lookups_of_one_event_loop_turn_go_to_redis_as_one_mget(
+    metrics: RouterMetrics, redis_prefix: str
+) -> None:
+    writer = TwoLevelCache(metrics, 10, 60, redis=connect_redis(REDIS_URL, 0.5), key_prefix=redis_prefix)
+    for i in range(0, 20, 2):
+        writer.put(f"k{i}", Prediction(str(i % 4 // 2), i / 100))
+    await writer.flush()
+    await writer.redis.set(f"{redis_prefix}k19", "not json")  # type: ignore[union-attr]
+    client = CountingRedis(host="127.0.0.1", port=6379, db=0, decode_responses=True)  # REDIS_URL's server
+    client.commands = []
+    reader = TwoLevelCache(metrics, 100, 60, redis=client, key_prefix=redis_prefix)
+    answers = await asyncio.gather(*(reader.get_l2(f"k{i}") for i in range(20)))
+    assert answers == [Prediction(str(i % 4 // 2), i / 100) if i % 2 == 0 else None for i in range(20)]
+    assert client.commands == ["MGET"]  # one round trip for twenty lookups; the unreadable entry is a miss
+    assert sample(metrics, "router_cache_hits_total", level="l2") == 10
+    assert sample(metrics, "router_cache_misses_total", level="l2") == 10
+    assert reader.get_l1("k4") == Prediction("0", 0.04)  # hits fill L1
+    assert await reader.get_l2("k2") == Prediction("1", 0.02) and client.commands == ["MGET", "MGET"]
+    await writer.close()
+    await reader.close()
+
+
 async def test_unreachable_redis_degrades_to_l1_and_opens_the_breaker(metrics: RouterMetrics) -> None:
     cache = TwoLevelCache(
         metrics, 10, 60, redis=connect_redis(f"redis://127.0.0.1:{closed_port()}/0", 0.05), breaker=Breaker(30)
     )
     start = time.perf_counter()
-    await cache.put("k", Prediction("1", 0.99))  # fails, but never raises
+    cache.put("k", Prediction("1", 0.99))
+    await cache.flush()  # the write failed, but never raises
     assert await cache.get_l2("other") is None  # breaker open: no second connection attempt
     assert time.perf_counter() - start < 0.5
     assert await cache.get("k") == Prediction("1", 0.99)  # L1 still serves
