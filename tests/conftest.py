@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from bench.server import Server, free_port, serve
 
@@ -101,6 +102,15 @@ class RedisServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
+
+    def wait_for_keys(self, count: int, timeout: float = 5) -> int:
+        """The number of keys once there are at least `count` (the service writes L2 behind its answers)."""
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + timeout
+        while (keys := int(client.dbsize())) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.close()
+        return keys
 
     def stop(self) -> None:
         if self.process is not None:

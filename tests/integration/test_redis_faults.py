@@ -115,4 +115,4 @@ def test_redis_down_at_start_then_started_is_picked_up(
                 break
             time.sleep(0.1)
         assert server.metric("router_redis_up") == 1
-        assert redis.Redis(port=redis_server.port).dbsize() >= 1  # L2 is being filled now
+        assert redis_server.wait_for_keys(1) >= 1  # L2 is being filled now

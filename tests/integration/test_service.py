@@ -229,6 +229,7 @@ def test_threshold_routing_and_l2_shared_between_instances(
         server_factory({**common, "CONFIDENCE_THRESHOLD": "0.999"}) as b,
     ):
         assert a.classify("Is a tomato a fruit?").json()["label"] == "0"
+        assert redis_server.wait_for_keys(1) == 1  # A's answer, written behind it
         response = b.classify("Is a tomato a fruit?").json()
         assert response == {"label": "1", "confidence": pytest.approx(P_FAST, abs=1e-5)}
         assert b.metric("router_cache_hits_total", level="l2") == 1
