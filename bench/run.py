@@ -169,24 +169,13 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    generator = QueryGenerator(seed=1)
     env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0", "ONNX_CACHE_DIR": str(work / "onnx-cache")}
     if args.model_path:
         env["MODEL_PATH"] = str(Path(args.model_path).resolve())
     if args.redis_url:
         env |= {"REDIS_URL": args.redis_url, "REDIS_KEY_PREFIX": f"qr-bench-{work.name}:"}
-    rows: list[dict[str, object]] = []
-    facts: dict[str, object] = {
-        "backend": args.backend,
-        "model": env.get("MODEL_PATH", "embedded"),
-        "redis": args.redis_url,
-        "cpus": os.cpu_count(),
-        **machine(),
-        "seconds_per_scenario": args.seconds,
-    }
-
     try:
-        run_scenarios(args, env, work, generator, rows, facts)
+        run_scenarios(args, env, work)
     finally:
         if args.redis_url:
             delete_keys(args.redis_url, env["REDIS_KEY_PREFIX"])
@@ -200,14 +189,18 @@ def delete_keys(url: str, prefix: str) -> None:
     client.close()
 
 
-def run_scenarios(
-    args: argparse.Namespace,
-    env: dict[str, str],
-    work: Path,
-    generator: QueryGenerator,
-    rows: list[dict[str, object]],
-    facts: dict[str, object],
-) -> None:
+def run_scenarios(args: argparse.Namespace, env: dict[str, str], work: Path) -> None:
+    """Every scenario and both references, then the report."""
+    generator = QueryGenerator(seed=1)
+    rows: list[dict[str, object]] = []
+    facts: dict[str, object] = {
+        "backend": args.backend,
+        "model": env.get("MODEL_PATH", "embedded"),
+        "redis": args.redis_url,
+        "cpus": os.cpu_count(),
+        **machine(),
+        "seconds_per_scenario": args.seconds,
+    }
     start = time.perf_counter()
     with serve(env, work):  # the first start of a model exports its graph (ONNX backends) into the empty cache
         facts["first_start_to_ready_s"] = round(time.perf_counter() - start, 1)
