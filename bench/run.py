@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -76,14 +77,18 @@ def write_bodies(texts: list[str], folder: Path, name: str) -> Path:
 
 
 def wrk(url: str, bodies: Path, clients: int, seconds: int, by_outcome: bool = False) -> dict[str, float]:
-    """One bounded wrk run; returns its JSON summary (with server-side latency by outcome when `by_outcome`)."""
+    """One bounded wrk run; returns its JSON summary (with server-side latency by outcome when `by_outcome`) and
+    `cpu_s`, wrk's own CPU seconds: it runs on the same cores as the server, which the model alone has to itself."""
     command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
     env = {**os.environ, "BODIES_FILE": str(bodies), "WRK_BY_OUTCOME": "1" if by_outcome else "0"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the servers are children too, but still running
     out = subprocess.run(command, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
     if not match:
         raise RuntimeError(f"wrk gave no summary:\n{out.stdout}\n{out.stderr}")
-    return dict(json.loads(match.group(1)))
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {**json.loads(match.group(1)), "cpu_s": cpu_s}
 
 
 def settle(server: Server, timeout: float = 30) -> None:
@@ -122,6 +127,7 @@ def scenario(
         "requests": int(summary["requests"]),
         "mean_batch": round(texts / batches, 1) if batches else None,
         "server_cpu_pct": round(100 * cpu / wall),
+        "load_cpu_pct": round(100 * summary["cpu_s"] / wall),
         **({k: summary[k] for k in STRESS_KEYS} if by_outcome else {}),
     }
 
@@ -258,11 +264,22 @@ def run_scenarios(args: argparse.Namespace, env: dict[str, str], work: Path) -> 
 
 
 def report(rows: list[dict[str, object]], facts: dict[str, object]) -> None:
-    head = "| scenario | clients | RPS | p50 ms | p95 ms | p99 ms | errors | mean batch | server CPU % | ratio |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = ("scenario", "clients", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch", "server_cpu_pct")
+    columns = {
+        "scenario": "scenario",
+        "clients": "clients",
+        "rps": "RPS",
+        "p50_ms": "p50 ms",
+        "p95_ms": "p95 ms",
+        "p99_ms": "p99 ms",
+        "errors": "errors",
+        "mean_batch": "mean batch",
+        "server_cpu_pct": "server CPU %",
+        "load_cpu_pct": "wrk CPU %",
+        "ratio_to_reference": "ratio",
+    }
+    lines = ["| " + " | ".join(columns.values()) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for row in rows:
-        cells = [row.get(k) for k in keys] + [row.get("ratio_to_reference", "")]
+        cells = [row.get(k) for k in columns]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     lines.append("")
     lines += [f"- {k}: {v}" for k, v in facts.items()]
