@@ -2,7 +2,8 @@
 reports, e.g. `locust -f locustfile.py --host http://localhost:3000 --headless -u 64 -r 16 -t 1m
 --csv reports/baseline --html reports/baseline.html BaselineUser`.
 
-User classes (pick one or more on the command line; tags `baseline`, `cache`, `batch`, `stress` select the same):
+User classes (pick one or more on the command line; tags `baseline`, `cache`, `batch`, `stress` select the same;
+each scenario's requests are reported under their own name, e.g. `/v1/query-classify [cache]`):
 - BaselineUser: steady load of mostly unique real queries (cold cache).
 - CacheUser: a small hot set of 50 queries (high hit rate after the first round).
 - BatchUser: bursts of concurrent requests with pauses, to form large batches.
@@ -15,7 +16,8 @@ from __future__ import annotations
 import random
 
 from gevent.pool import Group
-from locust import HttpUser, between, constant, tag, task
+from locust import HttpUser, between, constant, events, tag, task
+from locust.env import Environment
 
 from bench.queries import QueryGenerator
 
@@ -23,9 +25,15 @@ GENERATOR = QueryGenerator(seed=random.randrange(2**32))
 HOT_SET = GENERATOR.hot_set(50)
 
 
-def classify(user: HttpUser, text: str) -> None:
+@events.test_start.add_listener
+def drop_users_without_tasks(environment: Environment, **_: object) -> None:
+    """`--tags` filters tasks, not user classes: a class left with none would fail on every spawn (locust 2.47)."""
+    environment.user_classes[:] = [user for user in environment.user_classes if user.tasks]
+
+
+def classify(user: HttpUser, text: str, scenario: str) -> None:
     with user.client.post(
-        "/v1/query-classify", json={"text": text}, name="/v1/query-classify", catch_response=True
+        "/v1/query-classify", json={"text": text}, name=f"/v1/query-classify [{scenario}]", catch_response=True
     ) as r:
         if r.status_code == 200 and r.json().get("label") in ("0", "1"):
             r.success()
@@ -39,7 +47,7 @@ class BaselineUser(HttpUser):
     @tag("baseline")
     @task
     def unique_query(self) -> None:
-        classify(self, GENERATOR.unique())
+        classify(self, GENERATOR.unique(), "baseline")
 
 
 class CacheUser(HttpUser):
@@ -48,7 +56,7 @@ class CacheUser(HttpUser):
     @tag("cache")
     @task
     def hot_query(self) -> None:
-        classify(self, random.choice(HOT_SET))
+        classify(self, random.choice(HOT_SET), "cache")
 
 
 class BatchUser(HttpUser):
@@ -60,7 +68,7 @@ class BatchUser(HttpUser):
         """8 unique queries at once, then a pause: overlapping bursts from many users form large batches."""
         group = Group()
         for _ in range(8):
-            group.spawn(classify, self, GENERATOR.unique())
+            group.spawn(classify, self, GENERATOR.unique(), "batch")
         group.join()
 
 
@@ -70,4 +78,4 @@ class StressUser(HttpUser):
     @tag("stress")
     @task
     def unique_query(self) -> None:
-        classify(self, GENERATOR.unique())
+        classify(self, GENERATOR.unique(), "stress")
