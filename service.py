@@ -127,7 +127,7 @@ class QueryRouter:
         gc.freeze()
         # Full collections still walk what came after: a full L1 cache (10,000 entries) took ~4 ms a walk. Every 10
         # young collections (the default) that was 3 walks a second under cache hits, prompted by the objects of the
-        # requests in flight, which die young anyway; every 100, one in 3 s (README § Performance, GC).
+        # requests in flight, which die young anyway; every 100, one in 3 s (docs/performance.md, GC).
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, 100)
         self.metrics.model_ready.set(1)
@@ -251,7 +251,7 @@ def the_service() -> QueryRouter:
 
     The routes are module functions that call this, not methods: BentoML gives a route method's `self` the sync
     dependency `get_current_service`, which FastAPI runs in its thread pool, a thread hop and a loop wake-up on every
-    request, and resolving any dependency cost a cache hit more than the lookup (README § Performance).
+    request, and resolving any dependency cost a cache hit more than the lookup (docs/performance.md).
     """
     return get_current_service()  # type: ignore[no-any-return]
 

@@ -1,7 +1,7 @@
 """Model alone, per backend: queries/s of batched forward passes and accuracy on the held-out dolly test split.
 
 `python -m bench.backends [--data ../shared/data/dolly.jsonl]` — the "model alone" reference of the benchmark and the
-table behind the MODEL_BACKEND default (README § Performance).
+table behind the MODEL_BACKEND default (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The targets are absolute (milliseconds, requests/s), so whether they hold depends on the CPU as much as on the
 code: the same commit met the warm p99 on one 2-core EPYC and missed it on another that ran Python at half the
-speed (README § Performance). So each run prints which targets held on the machine at hand, next to what that
+speed (docs/performance.md). So each run prints which targets held on the machine at hand, next to what that
 machine is.
 """
 

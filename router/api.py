@@ -365,7 +365,7 @@ class RequestTimeout:
     BentoML 1.4.40's own arms a `call_later` timer per request and never cancels it, so every answered request keeps a
     timer, a future and a bound method in the event loop for the whole timeout: 150,000 of each at 5,000 cache hits/s
     and 30 s. The garbage collector walks them on each full collection, and those pauses (60-140 ms) were the cache
-    hits' p99 (README § Performance). This one uses `asyncio.timeout` and disarms it when the answer starts.
+    hits' p99 (docs/performance.md). This one uses `asyncio.timeout` and disarms it when the answer starts.
     """
 
     SCOPE_KEY = "router.deadline"

@@ -50,7 +50,7 @@ class WakeOnFreeDispatcher(CorkDispatcher[Queued, Any]):
 
     Under load the workers are busy nearly all the time, and that poll woke the event loop 1,000 times a second for
     nothing: ~10 % of the loop's time under 64 cold clients (py-spy), time the loop and the model's threads then
-    waited for the GIL (README § Performance). Everything else is BentoML's: the queue, the optimizer and its warm-up,
+    waited for the GIL (docs/performance.md). Everything else is BentoML's: the queue, the optimizer and its warm-up,
     the cork (wait for a fuller batch, still on the 1 ms tick), the latency backstop and the calls themselves.
     """
 

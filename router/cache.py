@@ -8,7 +8,7 @@ minute, then lets a single request probe it.
 Redis commands are coalesced per turn of the event loop: the lookups of all requests that reach L2 in one turn go
 as one MGET, and answers are written behind, one pipeline per turn, without the request waiting for them. In
 bursts of 64 misses a GET and a SET each cost 240-304 us of the event loop's CPU a miss; coalesced, 53-69 us
-(README § Performance).
+(docs/performance.md).
 """
 
 from __future__ import annotations

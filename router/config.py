@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     )
 
     # A backstop only: MAX_LATENCY_MS (the batcher's cost model) decides admission. At 128 it refused 150 clients'
-    # misses that the budget had room for (README § Performance).
+    # misses that the budget had room for (docs/performance.md).
     max_queue: int = Field(
         1024, ge=1, description="Most cache misses waiting for the model at once; beyond it: 503 (after SHED_DELAY_MS)."
     )
@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     def parallelism(self) -> tuple[int, int]:
         """(forward passes at once, intra-op threads each). On 2 cores two single-threaded passes side by side did
         1.3x the queries/s of one pass on two threads: small matrices parallelise poorly, and a thread preempted by
-        the event loop stalls the whole pass it belongs to (README § Performance)."""
+        the event loop stalls the whole pass it belongs to (docs/performance.md)."""
         cores = os.cpu_count() or 1
         workers = self.model_workers or (min(cores, 8) if self.model_device == "cpu" else 1)
         return workers, self.torch_threads or max(1, cores // workers)

@@ -4,7 +4,7 @@ Backends (MODEL_BACKEND): `onnx-int8` (default; the model exported to ONNX, weig
 run by ONNX Runtime; the graph is kept in ONNX_CACHE_DIR for the next start, see `router.onnx_graph`), `onnx` (the
 same in fp32), `torch-int8` (PyTorch dynamic int8) and `torch` (eager fp32, the only one for cuda/mps). ONNX Runtime
 runs a whole forward pass in C++ without the GIL, so the event loop serving HTTP in the same process does not slow
-inference down; README § Performance has the measurements.
+inference down; docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def quantize_int8(model: Any) -> Any:
     """Dynamic int8 quantization of every Linear layer: weights int8 per output channel, activations per batch.
 
     Per-channel scales keep the confidences close to fp32 (per-tensor moved one summarization query from 0.94 to 0.60,
-    across the routing threshold); test accuracy is unchanged and CPU throughput 1.6x (README § Performance).
+    across the routing threshold); test accuracy is unchanged and CPU throughput 1.6x (docs/performance.md).
     """
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -64,7 +64,7 @@ class Classifier:
     max_length: int
     tensors: str  # what the tokenizer returns for `forward`: "pt" (torch) or "np" (ONNX Runtime)
     identity: str
-    group_size: int = 8  # with the length rule, 8/16/32 measured within 5 % (README § Performance)
+    group_size: int = 8  # with the length rule, 8/16/32 measured within 5 % (docs/performance.md)
     # Forward passes run side by side (MODEL_WORKERS) and share the tokenizer. Fast tokenizers raised "Already
     # borrowed" when called from two threads (huggingface/transformers#47085; not reproduced with the pinned
     # version in 4,000 calls from 16 threads); the lock keeps any tokenizer safe at no measured cost.

@@ -3,7 +3,7 @@
 Exporting and quantizing took about 3.5 s of a 15 s start, and importing what they need (torch, peft, torch.onnx,
 onnxruntime.quantization) most of the rest. So the exported graph, the tokenizer and the labels are kept in
 `ONNX_CACHE_DIR`, under a key made of the model's content hash and the versions of every library that shaped the
-graph: a start that finds its entry imports neither torch nor peft (README § Performance has the times). An entry
+graph: a start that finds its entry imports neither torch nor peft (docs/performance.md has the times). An entry
 is written whole or not at all (a folder renamed into place), and one that cannot be read is exported again.
 """
 
@@ -66,7 +66,7 @@ def open_session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal CPU
     # ORT fuses each residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel took 5x the time
-    # of the two ops it replaces: without the fusion a forward pass ran 1.15x the queries/s (README § Performance).
+    # of the two ops it replaces: without the fusion a forward pass ran 1.15x the queries/s (docs/performance.md).
     return ort.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
     )
@@ -114,7 +114,7 @@ def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
 
     model, tokenizer = load_model(source)
     # Eager attention exports as plain MatMul/Softmax. PyTorch's SDPA exports with an IsNaN/Where pass over every
-    # layer's attention weights, 13 % of a forward pass: eager ran 1.2x the queries/s (README § Performance).
+    # layer's attention weights, 13 % of a forward pass: eager ran 1.2x the queries/s (docs/performance.md).
     model.set_attn_implementation("eager")
     # Graph inputs follow forward()'s parameter order, and input_names are given positionally: keep that order.
     names = [p for p in inspect.signature(model.forward).parameters if p in tokenizer.model_input_names]

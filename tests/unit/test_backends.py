@@ -69,7 +69,7 @@ def test_forward_passes_side_by_side_give_the_answers_of_one_at_a_time(embedded:
 
 def test_the_exported_graph_computes_attention_with_plain_ops(embedded: ModelSource, tmp_path: Path) -> None:
     """Eager attention, not PyTorch's SDPA: its export adds an IsNaN/Where pass over every layer's attention
-    weights, 13 % of a forward pass (README § Performance)."""
+    weights, 13 % of a forward pass (docs/performance.md)."""
     from collections import Counter
 
     import onnx
