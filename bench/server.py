@@ -43,15 +43,15 @@ def free_port() -> int:
     can become the local end of any outgoing connection on the machine in the seconds before `bentoml serve` binds
     it, and the server then exits with "address already in use"."""
     low = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
-    for _ in range(100):
-        port = random.randrange(max(1024, low - 10000), low)
+    candidates = [random.randrange(max(1024, low - 10000), low) for _ in range(100)] if low > 2048 else []
+    for port in [*candidates, 0]:  # 0: the kernel's choice, where there is no room below its range
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port below {low}")
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free loopback port")
 
 
 @dataclass
