@@ -1,17 +1,20 @@
 """One service vs. two composed services: which batches under concurrent load at the lower overhead?
 
-`python -m bench.architecture` starts each design on loopback with the same model and no cache, sends unique
-texts from 1, 16 and 64 concurrent clients, and prints RPS, latency and the mean batch size each design formed.
+`python -m bench.architecture` (needs wrk) starts each design on loopback with the same model and no cache, sends
+unique dolly queries (as `python -m bench`'s cold scenarios do) from 1, 16 and 64 concurrent wrk clients for
+`--seconds` each, and prints RPS, latency, errors and the mean batch size each design formed.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
-from bench.load import run_load
+from bench.queries import QueryGenerator
+from bench.run import write_bodies, wrk
 from bench.server import Server, serve
 
 DESIGNS = {
@@ -28,34 +31,37 @@ def batch_totals(server: Server) -> tuple[float, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="Duration of each load scenario.")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    generator = QueryGenerator(seed=3)
+    work = Path(tempfile.mkdtemp(prefix="bench-architecture-"))
     rows = []
-    logs = Path(tempfile.mkdtemp())
     for name, target in DESIGNS.items():
-        with serve(
-            {"CACHE_L1_SIZE": "0", "MAX_LATENCY_MS": "5000"}, logs, target=target, ready_path="/readyz"
-        ) as server:
+        with serve({"CACHE_L1_SIZE": "0"}, work, target=target, ready_path="/readyz") as server:
             for clients in (1, 16, 64):
+                bodies = write_bodies([generator.unique() for _ in range(40000)], work, f"arch{clients}")
                 count_before, sum_before = batch_totals(server)
-
-                def body(i: int, c: int = clients) -> dict[str, object]:
-                    return {"text": f"arch {c} query {i}: how do tides work near the coast?"}
-
-                result = asyncio.run(
-                    run_load(
-                        f"{server.url}/v1/query-classify",
-                        body,
-                        clients=clients,
-                        total_requests=max(200, clients * 12),
-                    )
-                )
+                summary = wrk(f"{server.url}/v1/query-classify", bodies, clients, args.seconds)
                 count_after, sum_after = batch_totals(server)
                 batches, texts = count_after - count_before, sum_after - sum_before
-                rows.append({"design": name, **result.as_dict(), "mean_batch": round(texts / max(batches, 1), 1)})
+                rows.append(
+                    {
+                        "design": name,
+                        "clients": clients,
+                        "rps": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+                        "p50_ms": round(summary["p50_us"] / 1000, 1),
+                        "p99_ms": round(summary["p99_us"] / 1000, 1),
+                        "mean_batch": round(texts / batches, 1) if batches else None,
+                        "errors": f"{int(summary['non2xx'] + summary['socket_errors'])} / {int(summary['requests'])}",
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| design | clients | RPS | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        cells = [r[k] for k in ("design", "clients", "rps", "p50_ms", "p99_ms", "mean_batch", "errors")]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,16 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.load import percentile
 from bench.queries import QueryGenerator
 from bench.run import RESULTS, Sampler
 from bench.server import Server, serve
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 async def slice_of_load(
