@@ -32,21 +32,39 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 
 
 def judge(rows: list[dict[str, object]], facts: dict[str, object]) -> list[dict[str, object]]:
-    """One verdict per target: what it asks, what this run measured, whether it held (not when not measured)."""
+    """One verdict per target: what it asks, what this run measured, whether it held (not when not measured), and
+    what the machine itself allows, where the run's references say."""
     by_scenario = {f"{r['scenario']} {r['clients']}": r for r in rows}
+    bounds = machine_bounds(facts)
     verdicts = []
     for scenario, field, check, limit in TARGETS:
         value = by_scenario.get(scenario, {}).get(field) if scenario else facts.get(field)
         met = isinstance(value, int | float) and CHECKS[check](value, limit)
         name = f"{scenario}: {field}" if scenario else field
-        verdicts.append({"target": name, "goal": f"{check} {limit:g}", "measured": value, "met": met})
+        verdict = {"target": name, "goal": f"{check} {limit:g}", "measured": value, "met": met}
+        verdicts.append(verdict | {"machine_bound": bounds.get(name, "")})
     return verdicts
 
 
+def machine_bounds(facts: dict[str, object]) -> dict[str, str]:
+    """Where a target is past the machine, not the service. No service answers misses faster than its model alone,
+    nor cache hits faster than BentoML answers a constant in the same setup (the trivial endpoint); and 64 clients
+    in a closed loop wait 64 / rate on average (Little's law), so a p99 cannot be under that mean at those rates."""
+    bounds = {}
+    alone, trivial = facts.get("model_alone_qps"), facts.get("trivial_rps_64")
+    if isinstance(alone, int | float) and alone > 0:
+        bounds["cold 150: rps"] = f"<= {alone:g} (the model alone)"
+        bounds["cold 64: p99_ms"] = f">= {64_000 / alone:.1f} (64 clients at the model alone's rate)"
+    if isinstance(trivial, int | float) and trivial > 0:
+        bounds["warm 64: p99_ms"] = f">= {64_000 / trivial:.1f} (64 clients at the trivial endpoint's rate)"
+    return bounds
+
+
 def verdict_lines(verdicts: list[dict[str, object]]) -> list[str]:
-    lines = ["| target (issue #5) | goal | measured | met |", "|---|---|---:|---|"]
+    lines = ["| target (issue #5) | goal | measured | met | this machine's bound |", "|---|---|---:|---|---|"]
     for v in verdicts:
-        lines.append(f"| {v['target']} | {v['goal']} | {v['measured']} | {'yes' if v['met'] else '**no**'} |")
+        met = "yes" if v["met"] else "**no**"
+        lines.append(f"| {v['target']} | {v['goal']} | {v['measured']} | {met} | {v['machine_bound']} |")
     return lines
 
 

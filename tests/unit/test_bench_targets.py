@@ -45,10 +45,26 @@ def test_a_target_that_was_not_measured_is_not_met() -> None:
         "goal": ">= 0.7",
         "measured": None,
         "met": False,
+        "machine_bound": "",
     }
     assert not verdicts["server_peak_rss_mib"]["met"]
     lines = verdict_lines(list(verdicts.values()))
-    assert "| warm 64: ratio_to_reference | >= 0.7 | None | **no** |" in lines
+    assert "| warm 64: ratio_to_reference | >= 0.7 | None | **no** |  |" in lines
+
+
+def test_the_run_s_references_bound_what_the_machine_allows() -> None:
+    """10x at 150 clients past the model alone, or a warm p99 under what BentoML's own rate allows 64 clients, is the
+    machine, not the service."""
+    rows, facts = run_at_the_limits()
+    rows[1]["rps"] = 400.1
+    facts |= {"model_alone_qps": 454.5, "trivial_rps_64": 3183.4}
+    verdicts = {v["target"]: v for v in judge(rows, facts)}
+    assert verdicts["cold 150: rps"]["machine_bound"] == "<= 454.5 (the model alone)"
+    assert verdicts["cold 64: p99_ms"]["machine_bound"] == ">= 140.8 (64 clients at the model alone's rate)"
+    assert verdicts["warm 64: p99_ms"]["machine_bound"] == ">= 20.1 (64 clients at the trivial endpoint's rate)"
+    assert verdicts["single_cached_p50_ms"]["machine_bound"] == ""
+    lines = verdict_lines(list(verdicts.values()))
+    assert "| cold 150: rps | >= 690 | 400.1 | **no** | <= 454.5 (the model alone) |" in lines
 
 
 def test_the_machine_is_read_from_cpuinfo(tmp_path: Path) -> None:
