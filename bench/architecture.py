@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench.queries import QueryGenerator
-from bench.run import write_bodies, wrk
+from bench.run import write_bodies, wrk, wrk_figures
 from bench.server import Server, serve
 
 DESIGNS = {
@@ -51,17 +51,16 @@ def main() -> None:
                     {
                         "design": name,
                         "clients": clients,
-                        "rps": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
-                        "p50_ms": round(summary["p50_us"] / 1000, 1),
-                        "p99_ms": round(summary["p99_us"] / 1000, 1),
+                        **wrk_figures(summary),
                         "mean_batch": round(texts / batches, 1) if batches else None,
-                        "errors": f"{int(summary['non2xx'] + summary['socket_errors'])} / {int(summary['requests'])}",
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| design | clients | RPS | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print("| " + " | ".join(str(cell) for cell in row.values()) + " |")
+        cells = [row[k] for k in ("design", "clients", "rps", "p50_ms", "p99_ms", "mean_batch")]
+        cells.append(f"{row['errors']} / {row['requests']}")
+        print("| " + " | ".join(str(cell) for cell in cells) + " |")
 
 
 if __name__ == "__main__":

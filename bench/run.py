@@ -91,6 +91,18 @@ def wrk(url: str, bodies: Path, clients: int, seconds: int, by_outcome: bool = F
     return {**json.loads(match.group(1)), "cpu_s": cpu_s}
 
 
+def wrk_figures(summary: dict[str, float]) -> dict[str, object]:
+    """RPS, latency percentiles (ms) and counts of one wrk run, from its summary."""
+    return {
+        "rps": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "p50_ms": round(summary["p50_us"] / 1000, 1),
+        "p95_ms": round(summary["p95_us"] / 1000, 1),
+        "p99_ms": round(summary["p99_us"] / 1000, 1),
+        "errors": int(summary["non2xx"] + summary["socket_errors"]),
+        "requests": int(summary["requests"]),
+    }
+
+
 def settle(server: Server, timeout: float = 30) -> None:
     """Wait until the work queued by the previous scenario (wrk stops mid-request) has drained.
 
@@ -119,12 +131,7 @@ def scenario(
     return {
         "scenario": name,
         "clients": clients,
-        "rps": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
-        "p50_ms": round(summary["p50_us"] / 1000, 1),
-        "p95_ms": round(summary["p95_us"] / 1000, 1),
-        "p99_ms": round(summary["p99_us"] / 1000, 1),
-        "errors": int(summary["non2xx"] + summary["socket_errors"]),
-        "requests": int(summary["requests"]),
+        **wrk_figures(summary),
         "mean_batch": round(texts / batches, 1) if batches else None,
         "server_cpu_pct": round(100 * cpu / wall),
         "load_cpu_pct": round(100 * summary["cpu_s"] / wall),

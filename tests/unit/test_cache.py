@@ -101,7 +101,7 @@ async def test_the_lookups_of_one_event_loop_turn_go_to_redis_as_one_mget(
         writer.put(f"k{i}", Prediction(str(i % 4 // 2), i / 100))
     await writer.flush()
     await writer.redis.set(f"{redis_prefix}k19", "not json")  # type: ignore[union-attr]
-    client = CountingRedis(host="127.0.0.1", port=6379, db=0, decode_responses=True)  # REDIS_URL's server
+    client = CountingRedis.from_url(REDIS_URL, decode_responses=True)
     client.commands = []
     reader = TwoLevelCache(metrics, 100, 60, redis=client, key_prefix=redis_prefix)
     answers = await asyncio.gather(*(reader.get_l2(f"k{i}") for i in range(20)))
