@@ -9,13 +9,17 @@ is written whole or not at all (a folder renamed into place), and one that canno
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -76,8 +80,7 @@ def load_onnx_model(source: Any, identity: str, int8: bool, threads: int, cache_
     """The session for `source` (a `router.model.ModelSource`): from the cache entry when one is usable, else
     exported now (and stored, when `cache_dir` is set and writable)."""
     if not cache_dir:
-        with tempfile.TemporaryDirectory(prefix="query-router-onnx-") as tmp:  # the session keeps the graph
-            return export(source, Path(tmp), int8, threads)
+        return export_uncached(source, int8, threads)
     entry = Path(cache_dir).expanduser() / entry_key(identity)
     if entry.is_dir():
         try:
@@ -85,12 +88,42 @@ def load_onnx_model(source: Any, identity: str, int8: bool, threads: int, cache_
         except Exception as exc:  # a truncated file, a half-deleted folder: export again, replace the entry
             log.warning("ONNX cache entry %s unusable (%s: %s); exporting again", entry, type(exc).__name__, exc)
             shutil.rmtree(entry, ignore_errors=True)
+    with export_lock(entry):
+        if entry.is_dir():  # another worker of this server exported it while this one waited
+            return read_entry(entry, threads)
+        return export_into_cache(source, entry, int8, threads)
+
+
+def export_uncached(source: Any, int8: bool, threads: int) -> OnnxModel:
+    with tempfile.TemporaryDirectory(prefix="query-router-onnx-") as tmp:  # the session keeps the graph
+        return export(source, Path(tmp), int8, threads)
+
+
+@contextmanager
+def export_lock(entry: Path) -> Iterator[None]:
+    """One export at a time per cache folder (a lock on the folder itself): a server's workers start together, and
+    without it each exported the same graph, side by side, at twice the CPU and memory of one. No folder: no lock."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(entry.parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor closes
+        yield
+    finally:
+        os.close(folder)
+
+
+def export_into_cache(source: Any, entry: Path, int8: bool, threads: int) -> OnnxModel:
+    """Export into a staging folder, then rename it into place as `entry`."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{uuid.uuid4().hex[:8]}-", dir=entry.parent))
     except OSError as exc:
-        log.warning("ONNX_CACHE_DIR %s not writable (%s); exporting without caching", cache_dir, exc)
-        return load_onnx_model(source, identity, int8, threads, cache_dir="")
+        log.warning("ONNX_CACHE_DIR %s not writable (%s); exporting without caching", entry.parent, exc)
+        return export_uncached(source, int8, threads)
     try:
         model = export(source, staging, int8, threads)
         if not tokenizer_round_trips(model.tokenizer, staging):

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,20 @@ def test_an_unreadable_entry_is_exported_again(
     assert (entry / "model.onnx").stat().st_size == size
     answers(source, tmp_path, backend="onnx")  # fp32 and int8 graphs answer differently: separate entries
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_workers_starting_together_export_once(
+    fast_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's workers load side by side: one exports, the other waits for its entry and reads it."""
+    source = ModelSource(path=fast_model, origin="path", name="tiny")
+    with caplog.at_level(logging.INFO, logger="router.onnx_graph"), ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: answers(source, tmp_path), range(2)))
+    assert both[0] == both[1]
+    assert caplog.text.count("ONNX graph exported and cached") == 1
+    assert caplog.text.count("ONNX graph read from cache") == 1
+    assert "not cached" not in caplog.text
+    assert len(list(tmp_path.iterdir())) == 1  # one entry, no staging folder left behind
 
 
 def test_an_unwritable_cache_dir_costs_only_the_export(
