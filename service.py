@@ -9,12 +9,16 @@ README § Architecture says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import sys
 from typing import Any, NoReturn
 
 import bentoml
 from _bentoml_sdk.service import get_current_service  # pinned: bentoml==1.4.40
+from bentoml._internal.context import server_context  # pinned: bentoml==1.4.40
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -47,17 +51,21 @@ from router.metrics import RouterMetrics, exposition
 from router.model import ModelSource, resolve_model, shipped_threshold
 from router.routing import Prediction, Threshold, pick_threshold, route
 from router.text import cache_key, normalize
+from router.workers import spread_connections
 
 log = logging.getLogger("service")
 
 # Read at import: BentoML takes the batching parameters when the class below is defined.
 settings = Settings()
+# In a BentoML worker process, before BentoML hands the listening socket to uvicorn (router.workers says why).
+spread_connections(settings.processes(), server_context.worker_index, sys.argv)
 ClassifyRequest, ClassifyBatchRequest = request_models(settings.max_text_chars, settings.max_batch_texts)
 # A query of typical length (~60 tokens) for the batcher's first cost estimate; real passes refine it.
 CALIBRATION_TEXT = (
     "Summarize the following paragraph for a busy reader in two sentences, keeping the names, the dates and the "
     "numbers exactly as they are written, and leave out any opinion that the author states about the events."
 )
+LOAD_WAIT_SEC = 10.0  # how long a request waits for a worker still loading (QueryRouter.wait_for_model)
 CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
 ROUTES = frozenset({*CLASSIFY_ROUTES, "/health/live", "/health/ready", "/health/deep", "/metrics"})
 
@@ -185,11 +193,25 @@ class QueryRouter:
 
     # --- the answer for one text: L1 → (single-flight: L2 → model) → routing -----------------------------------
 
-    async def answer(self, text: str) -> Classification:
+    async def wait_for_model(self) -> tuple[Classifier, Threshold]:
+        """Hold a request that reaches this worker while its model loads, up to LOAD_WAIT_SEC, rather than refuse it.
+
+        A server's workers load side by side, and the first to finish answers /health/ready for the whole server
+        when it takes the probe: on a first start one worker exports the ONNX graph while the others wait to read
+        it, seconds later."""
+        if self.load_error is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.loading), LOAD_WAIT_SEC)
         if self.classifier is None or self.threshold is None:
             raise ApiError(503, "model not ready", headers={"Retry-After": "5"})
+        return self.classifier, self.threshold
+
+    async def answer(self, text: str) -> Classification:
+        classifier, threshold = self.classifier, self.threshold
+        if classifier is None or threshold is None:
+            classifier, threshold = await self.wait_for_model()
         normalized = normalize(text)
-        key = cache_key(self.classifier.identity, normalized)
+        key = cache_key(classifier.identity, normalized)
         prediction = self.cache.get_l1(key)
         if prediction is None:
             if self.waiting >= self.settings.max_queue:  # shed now rather than queue past the latency budget
@@ -199,7 +221,7 @@ class QueryRouter:
                 prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
             finally:
                 self.waiting -= 1
-        routed = route(prediction, self.threshold.value, self.settings.fast_label, self.settings.slow_label)
+        routed = route(prediction, threshold.value, self.settings.fast_label, self.settings.slow_label)
         self.metrics.decisions.labels(prediction.label, routed).inc()
         self.metrics.confidence.observe(prediction.confidence)
         return Classification(label=routed, confidence=round(prediction.confidence, 6))
@@ -311,6 +333,7 @@ async def deep() -> dict[str, Any]:
     return {
         "status": service.load_status,
         "error": service.load_error,
+        "worker": {"pid": os.getpid(), "workers": service.settings.processes()},  # this answer's worker process
         "model": {
             "source": src.origin if src else None,
             "name": src.name if src else None,

@@ -47,7 +47,7 @@ def measure(backend: str, texts: list[str], labels: list[str], batch_size: int, 
     for i in range(0, len(texts), batch_size):
         predictions += classifier.predict(texts[i : i + batch_size])
     accuracy = sum(p.label == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
-    rate = throughput(classifier, texts, batch_size, seconds, workers=settings.parallelism()[0])
+    rate = throughput(classifier, texts, batch_size, seconds, workers=settings.forward_passes())
     return {
         "backend": backend,
         "batch_size": batch_size,

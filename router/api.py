@@ -418,7 +418,7 @@ def service_options(settings: Settings, routes: Iterable[str]) -> dict[str, Any]
     and the router's own metrics (router.metrics, bounded labels) serve /metrics.
     """
     return {
-        "workers": 1,
+        "workers": settings.processes(),
         "threads": 1,
         "traffic": {"timeout": settings.request_timeout_sec},
         "tracing": {"excluded_urls": [] if settings.trace_requests else sorted(routes)},

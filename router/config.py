@@ -9,8 +9,16 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from bentoml._internal.resource import query_cgroup_cpu_count  # pinned: bentoml==1.4.40
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def cpu_count() -> int:
+    """CPUs this server may use: the cgroup's quota where one is set (a container's `--cpus`, a pod's CPU limit, as
+    BentoML counts them), within the cores the process may run on."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(query_cgroup_cpu_count()), usable))
 
 
 class Settings(BaseSettings):
@@ -37,11 +45,17 @@ class Settings(BaseSettings):
         "~/.cache/query-router/onnx",
         description="Exported ONNX graphs are kept here, so a restart skips the export; empty disables the cache.",
     )
+    service_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Worker processes, each with its own event loop, model and L1; 0 = one per CPU (<= 8), 1 on a GPU.",
+    )
     model_workers: int = Field(
-        0, ge=0, le=64, description="Forward passes run side by side; 0 = one per CPU core (at most 8), 1 on a GPU."
+        0, ge=0, le=64, description="Forward passes side by side in each worker; 0 = its share of the CPUs, 1 on a GPU."
     )
     torch_threads: int = Field(
-        0, ge=0, le=64, description="Intra-op threads of each forward pass; 0 = CPU cores / MODEL_WORKERS."
+        0, ge=0, le=64, description="Intra-op threads of each forward pass; 0 = a worker's CPUs / MODEL_WORKERS."
     )
 
     # --- batching (BentoML adaptive batching of the model call) ---
@@ -108,13 +122,23 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field("console", description="Log line format.")
 
+    def processes(self) -> int:
+        """BentoML worker processes. One per CPU: each has its own event loop, and one loop was the limit on a fast
+        CPU: on 2 cores two workers of one pass each answered 1.04-1.7x the cache misses and 1.8-2.0x the hits of one
+        worker running two passes (docs/performance.md). Each worker listens on its own socket (router.workers)."""
+        return self.service_workers or (min(cpu_count(), 8) if self.model_device == "cpu" else 1)
+
     def parallelism(self) -> tuple[int, int]:
-        """(forward passes at once, intra-op threads each). On 2 cores two single-threaded passes side by side did
-        1.3x the queries/s of one pass on two threads: small matrices parallelise poorly, and a thread preempted by
-        the event loop stalls the whole pass it belongs to (docs/performance.md)."""
-        cores = os.cpu_count() or 1
+        """(forward passes at once, intra-op threads each), in one worker process. Single-threaded passes: on 2 cores
+        two of them side by side did 1.3x the queries/s of one pass on two threads, since small matrices
+        parallelise poorly and a thread preempted by the event loop stalls the whole pass it belongs to."""
+        cores = max(1, cpu_count() // self.processes())
         workers = self.model_workers or (min(cores, 8) if self.model_device == "cpu" else 1)
         return workers, self.torch_threads or max(1, cores // workers)
+
+    def forward_passes(self) -> int:
+        """Forward passes the whole server runs at once (every worker's): the model-alone reference runs as many."""
+        return self.processes() * self.parallelism()[0]
 
     @field_validator("log_level", mode="before")
     @classmethod

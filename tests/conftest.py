@@ -8,15 +8,25 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from bench.server import Server, free_port, serve
+from bench.server import Server, free_port
+from bench.server import serve as serve_any
 
 __all__ = ["RedisServer", "Server", "free_port", "make_tiny_model", "serve"]
+
+
+def serve(env: dict[str, str], log_dir: Path, **options: Any) -> AbstractContextManager[Server]:
+    """`bench.server.serve` with one worker process unless `env` sets SERVICE_WORKERS: the tests of one worker's own
+    behaviour (its L1, its batches, single flight, admission) need every request to reach the same worker, and each
+    new connection may reach another. test_workers.py runs several, the Bento tests the default."""
+    return serve_any({"SERVICE_WORKERS": "1", **env}, log_dir, **options)
 
 
 def make_tiny_model(folder: Path, bias: tuple[float, float], seed: int = 0) -> Path:

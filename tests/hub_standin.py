@@ -24,6 +24,8 @@ class HubStandIn:
         self.commits: dict[str, str] = {}
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each write (POST)
+        self.downloads_open = threading.Event()  # file downloads wait while it is clear (a slow Hub)
+        self.downloads_open.set()
 
     def add_folder(self, repo_id: str, folder: Path) -> str:
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -71,6 +73,8 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             data = hub.repos[repo].get(name)
             if data is None:
                 return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+            if not head:
+                hub.downloads_open.wait(60)
             headers = {
                 "X-Repo-Commit": hub.commits[repo],
                 "ETag": f'"{hashlib.sha256(data).hexdigest()}"',

@@ -14,6 +14,7 @@ from typing import Any
 
 import bentoml
 import httpx
+import psutil
 import pytest
 
 from router.config import Settings
@@ -170,10 +171,14 @@ def test_health_and_metrics(server: Server) -> None:
     assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready"}
     deep = server.deep()
     assert deep["status"] == "ready"
+    assert deep["worker"]["workers"] == 1  # type: ignore[index]
+    workers_started = psutil.Process(server.process.pid).children(recursive=True)
+    assert deep["worker"]["pid"] in [p.pid for p in workers_started]  # type: ignore[index]
     assert deep["model"]["source"] == "path" and deep["model"]["trained"] is True  # type: ignore[index]
     assert deep["model"]["labels"] == {"0": "0", "1": "1"}  # type: ignore[index]
     assert deep["cache"]["l2_configured"] is False  # type: ignore[index]
-    workers, threads = Settings(torch_threads=1).parallelism()  # the test servers run with TORCH_THREADS=1
+    # The test servers run one worker process (tests/conftest.py: serve) with TORCH_THREADS=1.
+    workers, threads = Settings(service_workers=1, torch_threads=1).parallelism()
     assert deep["batching"] == {
         "max_batch_size": 32,
         "max_latency_ms": 1000,

@@ -73,13 +73,28 @@ def test_readme_documents_every_setting() -> None:
 
 
 @pytest.mark.usefixtures("no_settings_env")
-def test_parallelism_gives_each_core_a_single_threaded_forward_pass_by_default(
+def test_each_cpu_gets_a_worker_process_with_one_single_threaded_forward_pass_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert Settings().parallelism() == (2, 1)
-    assert Settings(model_workers=1).parallelism() == (1, 2)
+    monkeypatch.setattr("router.config.cpu_count", lambda: 2)
+    assert (Settings().processes(), Settings().parallelism(), Settings().forward_passes()) == (2, (1, 1), 2)
+    one = Settings(service_workers=1)  # one process on both CPUs: two passes side by side, one thread each
+    assert (one.processes(), one.parallelism(), one.forward_passes()) == (1, (2, 1), 2)
+    assert Settings(service_workers=1, model_workers=1).parallelism() == (1, 2)
     assert Settings(model_workers=1, torch_threads=3).parallelism() == (1, 3)
-    assert Settings(model_device="cuda").parallelism() == (1, 2)
-    monkeypatch.setattr("os.cpu_count", lambda: 32)
-    assert Settings().parallelism() == (8, 4)
+    assert Settings(model_workers=3).forward_passes() == 6
+    gpu = Settings(model_device="cuda")
+    assert (gpu.processes(), gpu.parallelism()) == (1, (1, 2))
+    monkeypatch.setattr("router.config.cpu_count", lambda: 32)
+    assert (Settings().processes(), Settings().parallelism()) == (8, (4, 1))
+    monkeypatch.setattr("router.config.cpu_count", lambda: 3)
+    assert (Settings().processes(), Settings().parallelism()) == (3, (1, 1))
+    assert Settings(service_workers=2).parallelism() == (1, 1)  # 3 // 2: one CPU each, none shared
+
+
+def test_cpu_count_is_what_the_process_may_use() -> None:
+    import os
+
+    from router.config import cpu_count
+
+    assert 1 <= cpu_count() <= len(os.sched_getaffinity(0))
