@@ -73,12 +73,16 @@ def timed_classify_ms(url: str, text: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
+def values(url: str, name: str, **labels: str) -> list[float]:
+    """The samples called `name` whose labels include `labels`: one per worker process for a `liveall` gauge."""
     text = HTTP.get(f"{url}/metrics").text
-    families = text_string_to_metric_families(text)
-    samples = [s for f in families for s in f.samples if s.name == name]
-    return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    return [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when absent): a counter over all workers."""
+    return sum(values(url, name, **labels))
 
 
 def deep(url: str) -> dict[str, Any]:
@@ -89,6 +93,7 @@ def check_container(url: str, cache_l1_size: int, out: Path) -> None:
     health = deep(url)
     model, cache = health["model"], health["cache"]
     print(f"model: source={model['source']} name={model['name']} identity={model['identity']}")
+    print(f"worker processes: {health['worker']['workers']}")
     print(
         f"cache: l1_max_size={cache['l1_max_size']} l2_configured={cache['l2_configured']} "
         f"redis_reachable={cache['redis_reachable']}"
@@ -113,7 +118,8 @@ def check_container(url: str, cache_l1_size: int, out: Path) -> None:
         "hit": statistics.median(timed_classify_ms(url, text) for text in fresh),
     }
     expect(metric(url, "router_cache_hits_total", level="l2") == l2_hits + len(fresh), "repeated texts missed Redis")
-    expect(metric(url, "router_redis_up") == 1, "router_redis_up is not 1")
+    redis_up = values(url, "router_redis_up")
+    expect(len(redis_up) == health["worker"]["workers"] and set(redis_up) == {1}, f"router_redis_up {redis_up}, not 1")
     expect(metric(url, "router_redis_errors_total") == 0, "Redis errors counted")
     print(f"redis: router_redis_up=1, repeated texts answered from Redis; median latency {latency} ms")
     out.write_text(json.dumps({"identity": model["identity"], "answers": answers, "latency_ms": latency}))
