@@ -23,6 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from bench.server import free_port, stop_process_group
+from router.config import Settings
 from router.metrics import RouterMetrics
 from training.pushgateway import JOB as TRAINING_JOB
 from training.pushgateway import METRIC_NAMES as TRAINING_METRICS
@@ -375,7 +376,8 @@ def test_prometheus_scrapes_the_router_and_the_pushgateway(
 
     classified = 'router_requests_total{job="router", route="/v1/query-classify", status="200"}'
     wait_for(lambda: values(prometheus_url, f"{classified} >= 3"), 30, "3 classify requests in Prometheus")
-    assert values(prometheus_url, "router_model_ready") == [1.0]
+    ready = values(prometheus_url, "router_model_ready")  # one series per worker process (the gauge is `liveall`)
+    assert ready == [1.0] * Settings().processes()
     # Both targets up (the pushgateway's first scrape can land a moment after the router's).
     assert wait_for(lambda: values(prometheus_url, "up") == [1.0, 1.0], 15, "both targets up")
 
