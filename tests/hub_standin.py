@@ -141,6 +141,11 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def served_from_hub(endpoint: str, repo_id: str, cache: Path) -> dict[str, str]:
+    """A service's environment for the model `repo_id` on the stand-in at `endpoint`: online, with its own Hub cache."""
+    return {"HF_MODEL_ID": repo_id, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache)}
+
+
 @contextmanager
 def running_hub() -> Iterator[tuple[HubStandIn, str]]:
     """Start the stand-in on a free loopback port; yields (hub, endpoint URL for HF_ENDPOINT)."""

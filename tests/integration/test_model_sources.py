@@ -12,7 +12,7 @@ import pytest
 
 from router.config import Settings
 from router.model import EMBEDDED_DIR, ROUTING_FILE, ModelLoadError, resolve_model
-from tests.hub_standin import running_hub
+from tests.hub_standin import running_hub, served_from_hub
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +25,7 @@ def test_explicit_model_path_without_a_model_raises(tmp_path: Path) -> None:
 def test_service_serves_a_hub_model(server_factory: Callable[..., Any], fast_model: Path, tmp_path: Path) -> None:
     with running_hub() as (hub, endpoint):
         commit = hub.add_folder("acme/router-tiny", fast_model)
-        env = {
-            "HF_MODEL_ID": "acme/router-tiny",
-            "HF_ENDPOINT": endpoint,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_CACHE": str(tmp_path / "cache"),
-        }
+        env = served_from_hub(endpoint, "acme/router-tiny", tmp_path / "cache")
         with server_factory(env) as server:
             assert server.classify("Summarize: rivers flow to the sea.").json()["label"] == "0"
             model = server.deep()["model"]
@@ -41,12 +36,7 @@ def test_service_serves_a_hub_model(server_factory: Callable[..., Any], fast_mod
 
 def test_service_with_a_wrong_hub_id_stays_not_ready(server_factory: Callable[..., Any], tmp_path: Path) -> None:
     with running_hub() as (_, endpoint):
-        env = {
-            "HF_MODEL_ID": "acme/does-not-exist",
-            "HF_ENDPOINT": endpoint,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_CACHE": str(tmp_path / "cache"),
-        }
+        env = served_from_hub(endpoint, "acme/does-not-exist", tmp_path / "cache")
         with server_factory(env, ready=False) as server:
             ready = server.wait_until_loaded()
             assert ready.status_code == 503

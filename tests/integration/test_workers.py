@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import RedisServer, Server
-from tests.hub_standin import running_hub
+from tests.hub_standin import running_hub, served_from_hub
 
 pytestmark = pytest.mark.integration
 
@@ -99,12 +99,7 @@ def test_a_request_to_a_worker_still_loading_waits_for_the_model(
     with running_hub() as (hub, endpoint):
         hub.add_folder("acme/router-tiny", fast_model)
         hub.downloads_open.clear()  # the model's files stay on their way until the test opens them
-        env = {
-            "HF_MODEL_ID": "acme/router-tiny",
-            "HF_ENDPOINT": endpoint,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_CACHE": str(tmp_path / "cache"),
-        }
+        env = served_from_hub(endpoint, "acme/router-tiny", tmp_path / "cache")
         with server_factory(env, ready=False) as server:
             assert httpx.get(f"{server.url}/health/ready").json()["status"] == "loading"
             answers: list[httpx.Response] = []
