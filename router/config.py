@@ -124,7 +124,7 @@ class Settings(BaseSettings):
 
     def processes(self) -> int:
         """BentoML worker processes. One per CPU: each has its own event loop, and one loop was the limit on a fast
-        CPU: on 2 cores two workers of one pass each answered 1.04-1.7x the cache misses and 1.8-2.0x the hits of one
+        CPU: on 2 cores two workers of one pass each answered 1.04-1.7x the cache misses and 1.6-2.0x the hits of one
         worker running two passes (docs/performance.md). Each worker listens on its own socket (router.workers)."""
         return self.service_workers or (min(cpu_count(), 8) if self.model_device == "cpu" else 1)
 

@@ -117,9 +117,8 @@ def export_lock(entry: Path) -> Iterator[None]:
 
 
 def export_into_cache(source: Any, entry: Path, int8: bool, threads: int) -> OnnxModel:
-    """Export into a staging folder, then rename it into place as `entry`."""
+    """Export into a staging folder, then rename it into place as `entry` (export_lock made the folder if it could)."""
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{uuid.uuid4().hex[:8]}-", dir=entry.parent))
     except OSError as exc:
         log.warning("ONNX_CACHE_DIR %s not writable (%s); exporting without caching", entry.parent, exc)

@@ -5,7 +5,7 @@ on each wake-up, so the worker that wakes first takes a burst whole: 64 connecti
 of two workers in 3 of 20 tries, and keep-alive connections stay where they land (docs/performance.md). Here each
 worker after the first binds a socket of its own to the same address, with SO_REUSEPORT also set on the arbiter's
 socket, which the first worker keeps: the kernel then spreads new connections over the sockets (64 at once split
-28/36 to 33/31). Where that fails, the worker shares the arbiter's socket as before, and says so.
+24/40 at worst in 20 tries). Where that fails, the worker shares the arbiter's socket as before, and says so.
 """
 
 from __future__ import annotations
