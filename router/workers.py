@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def spread_connections(workers: int, worker_id: int | None, argv: Sequence[str])
     fd = argument(argv, "--fd")
     if workers < 2 or worker_id is None or worker_id < 2 or fd is None:
         return  # one worker, the first worker (it keeps the arbiter's socket), or not a BentoML worker process
+    if not sys.platform.startswith("linux"):
+        return  # Linux hashes connections over a SO_REUSEPORT group; macOS and the BSDs give them all to one socket
     try:
         listen_on_own_socket(fd, argument(argv, "--backlog") or DEFAULT_BACKLOG)
     except OSError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
+
 from router.workers import argument, listen_on_own_socket, spread_connections
 
 WORKER_ARGV = ["-m", "service:QueryRouter", "--fd", "7", "--service-name", "query_router", "--backlog", "64"]
@@ -17,7 +19,7 @@ def test_arguments_are_read_from_bentomls_worker_command_line() -> None:
     assert argument(["--fd"], "--fd") is None
 
 
-def test_only_workers_after_the_first_of_several_take_a_socket_of_their_own() -> None:
+def test_only_workers_after_the_first_of_several_take_a_socket_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.create_server(("127.0.0.1", 0)) as arbiters:
         fd = arbiters.fileno()
         argv = ["--fd", str(fd)]
@@ -25,6 +27,9 @@ def test_only_workers_after_the_first_of_several_take_a_socket_of_their_own() ->
             spread_connections(workers, worker_id, args)
             assert os.fstat(fd).st_ino == os.fstat(arbiters.fileno()).st_ino  # untouched
             assert not arbiters.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        monkeypatch.setattr("sys.platform", "darwin")  # no hashing over a reuseport group there: keep sharing
+        spread_connections(2, 2, argv)
+        assert not arbiters.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
 
 
 def test_the_kernel_spreads_connections_over_the_arbiters_socket_and_the_workers_own() -> None:
