@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from router.api import (
@@ -30,6 +31,7 @@ from router.api import (
     ApiError,
     ApiKeyGuard,
     BodyRules,
+    CacheHits,
     CancelOnDisconnect,
     Classification,
     ClassificationBatch,
@@ -76,6 +78,22 @@ http.add_exception_handler(ApiError, api_error)
 http.add_middleware(BodyRules, max_bytes=settings.max_body_bytes, json_paths=CLASSIFY_ROUTES)
 http.add_middleware(CancelOnDisconnect, paths=CLASSIFY_ROUTES)
 metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML's /metrics serves them
+
+
+def answer_from_cache(body: bytes) -> Response | None:
+    """A /v1/query-classify body's answer when L1 has it (router.api.CacheHits), else None: FastAPI takes it."""
+    try:
+        request = ClassifyRequest.model_validate_json(body)
+    except ValidationError:
+        return None
+    result = the_service().cached_answer(request.text)  # type: ignore[attr-defined]
+    if result is None:
+        return None
+    result.request_id = request.request_id  # type: ignore[attr-defined]
+    return JSONResponse(result.model_dump(exclude_none=True))
+
+
+http.add_middleware(CacheHits, path="/v1/query-classify", max_bytes=settings.max_body_bytes, lookup=answer_from_cache)
 http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
 use_request_timeout()  # REQUEST_TIMEOUT_SEC without BentoML's timer per request (router.api.RequestTimeout)
 
@@ -221,6 +239,17 @@ class QueryRouter:
                 prediction = await self.flights.run(key, lambda: self._fetch(key, normalized))
             finally:
                 self.waiting -= 1
+        return self.routed(prediction, threshold)
+
+    def cached_answer(self, text: str) -> Classification | None:
+        """The answer from L1, or None (a miss is not counted here: `answer` follows and counts it)."""
+        classifier, threshold = self.classifier, self.threshold
+        if classifier is None or threshold is None:
+            return None
+        prediction = self.cache.get_l1(cache_key(classifier.identity, normalize(text)), count_miss=False)
+        return None if prediction is None else self.routed(prediction, threshold)
+
+    def routed(self, prediction: Prediction, threshold: Threshold) -> Classification:
         routed = route(prediction, threshold.value, self.settings.fast_label, self.settings.slow_label)
         self.metrics.decisions.labels(prediction.label, routed).inc()
         self.metrics.confidence.observe(prediction.confidence)

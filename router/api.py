@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from bentoml._internal.server.http import traffic  # pinned: bentoml==1.4.40 (use_request_timeout)
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -241,6 +241,53 @@ class RequestObserver:
             in_progress.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+
+
+class CacheHits:
+    """ASGI middleware: answers a JSON POST to `path` itself when `lookup(body)` has the answer (an L1 hit), and
+    hands every other request on, with its body, to the app.
+
+    A cache hit is a dictionary look-up; through FastAPI it also paid for routing, the dependency machinery, body
+    parsing and validating the response, half of a hit's CPU (docs/performance.md). `lookup` validates the body with
+    the route's own request model (pydantic's JSON mode): whatever it does not accept, or any doubt (no declared
+    length, not JSON, over `max_bytes`), goes on to FastAPI, which answers or refuses it as before.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, max_bytes: int, lookup: Callable[[bytes], Response | None]) -> None:
+        self.app = app
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lookup = lookup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if not declared.isdigit() or int(declared) > self.max_bytes or not is_json(headers.get(b"content-type", b"")):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client left: the app sees it
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                response = self.lookup(body)
+                if response is not None:
+                    await response(scope, receive, send)
+                    return
+                break
+        replay = iter(messages)
+
+        async def replay_receive() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replay_receive, send)
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client hung up before the answer": never sent, only recorded

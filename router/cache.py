@@ -86,13 +86,15 @@ class TwoLevelCache:
         self.flushes: set[asyncio.Task[None]] = set()  # the running MGETs and write pipelines
         metrics.redis_up.set(1 if redis is not None else 0)
 
-    def get_l1(self, key: str) -> Prediction | None:
-        """The in-process entry, if any (no I/O: called on every request before anything else)."""
+    def get_l1(self, key: str, count_miss: bool = True) -> Prediction | None:
+        """The in-process entry, if any (no I/O: called on every request before anything else). `count_miss=False`
+        for a look that another one follows on a miss (the cache-hit path's), so a miss is counted once."""
         if self.l1 is None:
             return None
         hit = self.l1.get(key)
         if hit is None:
-            self.metrics.cache_misses.labels("l1").inc()
+            if count_miss:
+                self.metrics.cache_misses.labels("l1").inc()
         else:
             self.metrics.cache_hits.labels("l1").inc()
         return hit

@@ -58,6 +58,49 @@ def test_repeat_is_an_l1_cache_hit(server: Server) -> None:
     assert server.metric("router_batch_size_count") == batches + 1  # the model ran once
 
 
+def test_a_hit_is_answered_like_a_miss_and_counted_once(server: Server) -> None:
+    """Hits are answered before FastAPI (router.api.CacheHits); the answer, the request_id and the counts are the
+    same, and what that path does not accept (a request_id over 128 characters) still gets FastAPI's 422."""
+    text = f"Summarize the plot of Hamlet {uuid.uuid4()}"
+    misses = server.metric("router_cache_misses_total", level="l1")
+    hits = server.metric("router_cache_hits_total", level="l1")
+    decisions = server.metric("router_decisions_total")
+    miss = server.classify(text, request_id="first")
+    assert server.metric("router_cache_misses_total", level="l1") == misses + 1
+    hit = server.classify(text, request_id="second")
+    assert server.metric("router_cache_hits_total", level="l1") == hits + 1
+    assert server.metric("router_cache_misses_total", level="l1") == misses + 1
+    assert miss.json() == {**hit.json(), "request_id": "first"} and hit.json()["request_id"] == "second"
+    assert hit.headers["content-type"] == miss.headers["content-type"] == "application/json"
+    assert float(hit.headers["x-router-latency"]) > 0
+    assert server.classify(text).json() == {k: v for k, v in miss.json().items() if k != "request_id"}
+    assert server.metric("router_decisions_total") == decisions + 3
+    refused = server.classify(text, request_id="x" * 129)
+    assert refused.status_code == 422 and "request_id" in refused.json()["error"]["message"]
+
+
+def test_a_hit_whose_body_arrives_in_pieces_is_answered(server: Server) -> None:
+    text = f"Classify these: apple, carrot {uuid.uuid4()}"
+    expected = server.classify(text).json()
+    body = ('{"text": "' + text + '"}').encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            b"POST /v1/query-classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.2)
+        client.sendall(body[10:])
+        client.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"}") and (more := client.recv(65536)):
+            answer += more
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert httpx.Response(200, content=payload).json() == expected
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "code"),
     [
