@@ -46,7 +46,14 @@ class Sampler:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def tree(self) -> list[psutil.Process]:
-        return [self.root, *self.root.children(recursive=True)]
+        """The root and its children; a child that exits during the walk (one did during a first start) ends it
+        with NoSuchProcess, which would stop the sampling thread: then the children are read again."""
+        for _ in range(5):
+            try:
+                return [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        return [self.root]
 
     def cpu_seconds(self) -> float:
         total = 0.0
