@@ -5,6 +5,11 @@ onnxruntime.quantization) most of the rest. So the exported graph, the tokenizer
 `ONNX_CACHE_DIR`, under a key made of the model's content hash and the versions of every library that shaped the
 graph: a start that finds its entry imports neither torch nor peft (docs/performance.md has the times). An entry
 is written whole or not at all (a folder renamed into place), and one that cannot be read is exported again.
+
+An entry is made by child processes (`python -m router.onnx_graph`), so the serving worker never imports torch:
+exported in the worker, torch and the export's buffers stayed in it until a restart (644 MiB against 208 MiB for a
+worker that read the entry). One child exports, the next quantizes: in one process the quantization's 175 MiB came
+on top of the export's 750, and a first start of two workers peaked above 1.1 GiB.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -117,29 +124,67 @@ def export_lock(entry: Path) -> Iterator[None]:
 
 
 def export_into_cache(source: Any, entry: Path, int8: bool, threads: int) -> OnnxModel:
-    """Export into a staging folder, then rename it into place as `entry` (export_lock made the folder if it could)."""
+    """Export into a staging folder in a child process, then rename it into place as `entry` and read it
+    (export_lock made the folder if it could)."""
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{uuid.uuid4().hex[:8]}-", dir=entry.parent))
     except OSError as exc:
         log.warning("ONNX_CACHE_DIR %s not writable (%s); exporting without caching", entry.parent, exc)
         return export_uncached(source, int8, threads)
     try:
-        model = export(source, staging, int8, threads)
-        if not tokenizer_round_trips(model.tokenizer, staging):
+        if not export_in_child(source, staging, int8):
             log.warning("tokenizer of %s does not round-trip through tokenizer.json; graph not cached", source.path)
-            return model
+            return export(source, staging, int8, threads)
         try:
             staging.rename(entry)  # atomic: a reader never sees half an entry
             log.info("ONNX graph exported and cached in %s", entry)
         except OSError as exc:  # another worker renamed its entry first, or the disk is full
             log.warning("ONNX graph not cached in %s: %s", entry, exc)
-        return model
+            return read_entry(staging, threads)  # the session holds the graph once read: the folder can go
+        return read_entry(entry, threads)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+NOT_ROUND_TRIP = 3  # the child's exit status when the entry is written but its tokenizer differs from the model's
+
+
+def export_in_child(source: Any, folder: Path, int8: bool) -> bool:
+    """The entry's files in `folder`, made by child processes; False when the saved tokenizer does not encode like
+    the model's own (the entry must not be read then). Raises ModelLoadError with a child's last line on failure."""
+    described = {k: str(v) if isinstance(v, Path) else v for k, v in vars(source).items()}
+    status = run_child(source, "export", str(folder), json.dumps(described))
+    if int8:
+        run_child(source, "quantize", str(folder))
+    return status == 0
+
+
+def run_child(source: Any, *arguments: str) -> int:
+    from router.model import ModelLoadError
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "router.onnx_graph", *arguments], env=env, capture_output=True, text=True
+    )
+    if done.returncode not in (0, NOT_ROUND_TRIP):
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise ModelLoadError(f"exporting {source.path} to ONNX failed ({arguments[0]}): {lines[-1]}")
+    return done.returncode
+
+
 def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
-    """Export to ONNX (dynamic batch and sequence axes), optionally quantize per channel, write the entry files."""
+    """Export in this process, for a graph that is not cached: the session, the model's own tokenizer, the labels."""
+    tokenizer = export_graph(source, folder)
+    if int8:
+        quantize(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    labels = {int(i): str(name) for i, name in meta["labels"].items()}
+    return OnnxModel(open_session(folder / "model.onnx", threads), tokenizer, meta["input_names"], labels, False)
+
+
+def export_graph(source: Any, folder: Path) -> Any:
+    """Export to ONNX (dynamic batch and sequence axes) and write the entry's files; returns the model's tokenizer."""
     import torch
 
     from router.model import load_model
@@ -152,18 +197,10 @@ def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
     names = [p for p in inspect.signature(model.forward).parameters if p in tokenizer.model_input_names]
     example = tokenizer(["warm-up query", "a second, longer warm-up query"], padding=True, return_tensors="pt")
     axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
-    fp32 = folder / "model.fp32.onnx"
     torch.onnx.export(
-        model, (), str(fp32), kwargs={n: example[n] for n in names}, input_names=names, output_names=["logits"],
-        dynamic_axes=axes, opset_version=17, dynamo=False,
+        model, (), str(folder / "model.onnx"), kwargs={n: example[n] for n in names}, input_names=names,
+        output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False,
     )  # fmt: skip
-    if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(fp32, folder / "model.onnx", weight_type=QuantType.QInt8, per_channel=True)
-        fp32.unlink()
-    else:
-        fp32.rename(folder / "model.onnx")
     labels = {int(i): str(name) for i, name in model.config.id2label.items()}
     if getattr(tokenizer, "is_fast", False):
         tokenizer.save_pretrained(folder / "tokenizer")
@@ -174,7 +211,16 @@ def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
         "tokenizer_inputs": tokenizer.model_input_names,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    return OnnxModel(open_session(folder / "model.onnx", threads), tokenizer, names, labels, from_cache=False)
+    return tokenizer
+
+
+def quantize(folder: Path) -> None:
+    """The entry's graph with int8 weights (per channel) in place of its fp32 ones."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = folder / "model.int8.onnx"
+    quantize_dynamic(folder / "model.onnx", int8, weight_type=QuantType.QInt8, per_channel=True)
+    int8.replace(folder / "model.onnx")
 
 
 def read_entry(entry: Path, threads: int) -> OnnxModel:
@@ -203,3 +249,24 @@ def tokenizer_round_trips(tokenizer: Any, folder: Path) -> bool:
     saved = cached_tokenizer(folder, list(tokenizer.model_input_names))
     options: dict[str, Any] = {"padding": True, "truncation": True, "max_length": 512}
     return bool(saved(PROBE_TEXTS, **options).data == tokenizer(PROBE_TEXTS, **options).data)
+
+
+def main(argv: list[str]) -> int:
+    """The children of `export_in_child`: `export FOLDER SOURCE_JSON` (its status says whether the tokenizer round-
+    trips) and `quantize FOLDER`."""
+    from router.model import ModelSource
+
+    try:
+        if argv[0] == "quantize":
+            quantize(Path(argv[1]))
+            return 0
+        folder, described = Path(argv[1]), json.loads(argv[2])
+        tokenizer = export_graph(ModelSource(**{**described, "path": Path(described["path"])}), folder)
+        return 0 if tokenizer_round_trips(tokenizer, folder) else NOT_ROUND_TRIP
+    except Exception as exc:  # the parent reports the last line of stderr
+        print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
