@@ -167,6 +167,8 @@ def run_child(source: Any, *arguments: str) -> int:
     done = subprocess.run(
         [sys.executable, "-m", "router.onnx_graph", *arguments], env=env, capture_output=True, text=True
     )
+    if done.returncode < 0:  # the kernel's OOM killer, most likely: the export peaks at about 0.75 GiB
+        raise ModelLoadError(f"exporting {source.path} to ONNX failed ({arguments[0]}): signal {-done.returncode}")
     if done.returncode not in (0, NOT_ROUND_TRIP):
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise ModelLoadError(f"exporting {source.path} to ONNX failed ({arguments[0]}): {lines[-1]}")

@@ -15,7 +15,7 @@ import pytest
 
 from router.config import Settings
 from router.inference import Classifier
-from router.model import ModelSource, resolve_model
+from router.model import ModelLoadError, ModelSource, resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
 QUERIES = [
@@ -109,3 +109,13 @@ def test_an_unwritable_cache_dir_costs_only_the_export(
     assert "not writable" in caplog.text
     assert cached == answers(source, "")  # and an empty ONNX_CACHE_DIR exports every time, writing nothing
     assert [label for label, _ in cached] == ["0", "0", "0"]
+
+
+def test_a_model_the_export_child_cannot_load_fails_with_its_reason(fast_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((fast_model / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"to ONNX failed \(export\): ModelLoadError: .* could not be loaded"):
+        answers(ModelSource(path=broken, origin="path", name="broken"), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no staging folder
