@@ -54,6 +54,18 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port")
 
 
+def metric_values(url: str, name: str, **labels: str) -> list[float]:
+    """The samples called `name` whose labels include `labels`, from the server at `url`: one per worker process for
+    a `liveall` gauge, whose sum is the server's total for a counter."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
 @dataclass
 class Server:
     url: str
@@ -65,13 +77,7 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return sum(metric_values(self.url, name, **labels))
 
     def deep(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/health/deep", timeout=10).json())

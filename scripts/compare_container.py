@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ and router/ when run as a script
 
-from bench.server import serve
+from bench.server import metric_values, serve
 from training.data import FAST, SLOW, load_jsonl, to_examples
 
 EMBEDDED_NAME = "embedded:query-router-default"
@@ -73,16 +72,9 @@ def timed_classify_ms(url: str, text: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def values(url: str, name: str, **labels: str) -> list[float]:
-    """The samples called `name` whose labels include `labels`: one per worker process for a `liveall` gauge."""
-    text = HTTP.get(f"{url}/metrics").text
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
-    return [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
-
-
 def metric(url: str, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0 when absent): a counter over all workers."""
-    return sum(values(url, name, **labels))
+    return sum(metric_values(url, name, **labels))
 
 
 def deep(url: str) -> dict[str, Any]:
@@ -118,7 +110,7 @@ def check_container(url: str, cache_l1_size: int, out: Path) -> None:
         "hit": statistics.median(timed_classify_ms(url, text) for text in fresh),
     }
     expect(metric(url, "router_cache_hits_total", level="l2") == l2_hits + len(fresh), "repeated texts missed Redis")
-    redis_up = values(url, "router_redis_up")
+    redis_up = metric_values(url, "router_redis_up")
     expect(len(redis_up) == health["worker"]["workers"] and set(redis_up) == {1}, f"router_redis_up {redis_up}, not 1")
     expect(metric(url, "router_redis_errors_total") == 0, "Redis errors counted")
     print(f"redis: router_redis_up=1, repeated texts answered from Redis; median latency {latency} ms")
