@@ -55,7 +55,6 @@ class OnnxModel:
     tokenizer: Any
     input_names: list[str]
     labels: dict[int, str]
-    from_cache: bool
 
 
 def entry_key(identity: str) -> str:
@@ -153,10 +152,11 @@ def export_in_child(source: Any, folder: Path, int8: bool) -> bool:
     """The entry's files in `folder`, made by child processes; False when the saved tokenizer does not encode like
     the model's own (the entry must not be read then). Raises ModelLoadError with a child's last line on failure."""
     described = {k: str(v) if isinstance(v, Path) else v for k, v in vars(source).items()}
-    status = run_child(source, "export", str(folder), json.dumps(described))
+    if run_child(source, "export", str(folder), json.dumps(described)) == NOT_ROUND_TRIP:
+        return False  # the caller exports again in-process: quantizing this graph would be wasted
     if int8:
         run_child(source, "quantize", str(folder))
-    return status == 0
+    return True
 
 
 def run_child(source: Any, *arguments: str) -> int:
@@ -180,9 +180,7 @@ def export(source: Any, folder: Path, int8: bool, threads: int) -> OnnxModel:
     tokenizer = export_graph(source, folder)
     if int8:
         quantize(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    labels = {int(i): str(name) for i, name in meta["labels"].items()}
-    return OnnxModel(open_session(folder / "model.onnx", threads), tokenizer, meta["input_names"], labels, False)
+    return entry_model(folder, json.loads((folder / "meta.json").read_text()), threads, tokenizer)
 
 
 def export_graph(source: Any, folder: Path) -> Any:
@@ -231,11 +229,15 @@ def read_entry(entry: Path, threads: int) -> OnnxModel:
     meta = json.loads((entry / "meta.json").read_text())
     if meta["format"] != ENTRY_FORMAT:
         raise ValueError(f"entry format {meta['format']}, expected {ENTRY_FORMAT}")
-    tokenizer = cached_tokenizer(entry, meta["tokenizer_inputs"])
-    labels = {int(i): str(name) for i, name in meta["labels"].items()}
-    session = open_session(entry / "model.onnx", threads)
+    model = entry_model(entry, meta, threads, cached_tokenizer(entry, meta["tokenizer_inputs"]))
     log.info("ONNX graph read from cache %s", entry)
-    return OnnxModel(session, tokenizer, list(meta["input_names"]), labels, from_cache=True)
+    return model
+
+
+def entry_model(folder: Path, meta: dict[str, Any], threads: int, tokenizer: Any) -> OnnxModel:
+    """A session over the folder's graph, with `tokenizer` and the input names and labels of its meta.json."""
+    labels = {int(i): str(name) for i, name in meta["labels"].items()}
+    return OnnxModel(open_session(folder / "model.onnx", threads), tokenizer, list(meta["input_names"]), labels)
 
 
 def cached_tokenizer(folder: Path, input_names: list[str]) -> Any:
