@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +54,10 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port")
 
 
-def metric_values(url: str, name: str, **labels: str) -> list[float]:
+def metric_values(url: str, name: str, labels: Mapping[str, str], timeout: float = 10) -> list[float]:
     """The samples called `name` whose labels include `labels`, from the server at `url`: one per worker process for
     a `liveall` gauge, whose sum is the server's total for a counter."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", timeout=timeout).text
     return [
         s.value
         for family in text_string_to_metric_families(text)
@@ -77,7 +77,7 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
-        return sum(metric_values(self.url, name, **labels))
+        return sum(metric_values(self.url, name, labels))
 
     def deep(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/health/deep", timeout=10).json())

@@ -54,7 +54,8 @@ def expect(condition: bool, message: str) -> None:
 
 
 # One client for every call: a new httpx client per request builds a TLS context (~30 ms) that would be timed too.
-HTTP = httpx.Client(timeout=30)
+HTTP_TIMEOUT_SEC = 30
+HTTP = httpx.Client(timeout=HTTP_TIMEOUT_SEC)
 
 
 def classify(url: str, text: str) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def timed_classify_ms(url: str, text: str) -> float:
 
 def metric(url: str, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0 when absent): a counter over all workers."""
-    return sum(metric_values(url, name, **labels))
+    return sum(metric_values(url, name, labels, HTTP_TIMEOUT_SEC))
 
 
 def deep(url: str) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def check_container(url: str, cache_l1_size: int, out: Path) -> None:
         "hit": statistics.median(timed_classify_ms(url, text) for text in fresh),
     }
     expect(metric(url, "router_cache_hits_total", level="l2") == l2_hits + len(fresh), "repeated texts missed Redis")
-    redis_up = metric_values(url, "router_redis_up")
+    redis_up = metric_values(url, "router_redis_up", {}, HTTP_TIMEOUT_SEC)
     expect(len(redis_up) == health["worker"]["workers"] and set(redis_up) == {1}, f"router_redis_up {redis_up}, not 1")
     expect(metric(url, "router_redis_errors_total") == 0, "Redis errors counted")
     print(f"redis: router_redis_up=1, repeated texts answered from Redis; median latency {latency} ms")
