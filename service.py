@@ -48,7 +48,7 @@ from router.batching import AdaptiveBatcher, Overloaded
 from router.cache import Breaker, SingleFlight, TwoLevelCache, connect_redis
 from router.config import Settings
 from router.inference import Classifier
-from router.logs import configure_logging
+from router.logs import AccessLog, configure_logging
 from router.metrics import RouterMetrics, exposition
 from router.model import ModelSource, resolve_model, shipped_threshold
 from router.routing import Prediction, Threshold, pick_threshold, route
@@ -70,6 +70,8 @@ CALIBRATION_TEXT = (
 LOAD_WAIT_SEC = 10.0  # how long a request waits for a worker still loading (QueryRouter.wait_for_model)
 CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
 ROUTES = frozenset({*CLASSIFY_ROUTES, "/health/live", "/health/ready", "/health/deep", "/metrics"})
+OBSERVED_ROUTES = ROUTES | {"/classify", "/internal/predict"}  # the metrics' route label: these, else "other"
+QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})  # polled by probes and Prometheus: not logged
 
 http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
 http.add_exception_handler(RequestValidationError, validation_error)
@@ -94,11 +96,10 @@ def answer_from_cache(body: bytes) -> Response | None:
 
 
 http.add_middleware(CacheHits, path="/v1/query-classify", max_bytes=settings.max_body_bytes, lookup=answer_from_cache)
-http.add_middleware(RequestObserver, metrics=metrics, routes=ROUTES)
 use_request_timeout()  # REQUEST_TIMEOUT_SEC without BentoML's timer per request (router.api.RequestTimeout)
 
 
-@bentoml.service(name="query_router", **service_options(settings, [*ROUTES, "/classify"]))
+@bentoml.service(name="query_router", **service_options(settings, sorted(OBSERVED_ROUTES)))
 @bentoml.asgi_app(http, path="/")
 class QueryRouter:
     def __init__(self) -> None:
@@ -398,5 +399,13 @@ async def deep() -> dict[str, Any]:
     }
 
 
+# Around BentoML's whole app, so its own routes (the batchable /classify) are counted and logged too.
+QueryRouter.add_asgi_middleware(  # type: ignore[attr-defined]
+    RequestObserver,
+    metrics=metrics,
+    routes=OBSERVED_ROUTES,
+    access_log=AccessLog(json_lines=settings.log_format == "json") if settings.access_log else None,
+    quiet_paths=QUIET_PATHS,
+)
 if settings.api_key:  # the whole app, BentoML's routes included; health and metrics stay open
     QueryRouter.add_asgi_middleware(ApiKeyGuard, api_key=settings.api_key)  # type: ignore[attr-defined]

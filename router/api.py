@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.config import Settings
+from router.logs import AccessLog
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -201,16 +202,27 @@ class BodyRules:
 
 
 class RequestObserver:
-    """ASGI middleware: `x-router-latency` (server-side ms) on every response, plus request count and latency metrics.
+    """ASGI middleware: `x-router-latency` (server-side ms) on every response, request count and latency metrics, and
+    the access log (router.logs.AccessLog): a line per request, except for `quiet_paths`.
 
     Paths outside `routes` are counted as "other" so clients cannot grow the metric's label set (BentoML's own request
-    metrics label by raw path, which is why the service turns them off).
+    metrics label by raw path, which is why the service turns them off). BentoML's access log is off too: the router's
+    costs less (router.logs.AccessLog says why).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Any, routes: frozenset[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Any,
+        routes: frozenset[str],
+        access_log: AccessLog | None,
+        quiet_paths: frozenset[str],
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        self.access_log = access_log
+        self.quiet_paths = quiet_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -238,9 +250,12 @@ class RequestObserver:
                 status = timed_out  # RequestTimeout (outside this middleware) answers it
             raise
         finally:
+            elapsed = time.perf_counter() - start
             in_progress.dec()
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+            self.metrics.request_duration.labels(route).observe(elapsed)
+            if self.access_log is not None and scope["path"] not in self.quiet_paths:
+                self.access_log.request(scope, status, elapsed * 1000)
 
 
 class CacheHits:
@@ -471,7 +486,5 @@ def service_options(settings: Settings, routes: Iterable[str]) -> dict[str, Any]
         "traffic": {"timeout": settings.request_timeout_sec},
         "tracing": {"excluded_urls": [] if settings.trace_requests else sorted(routes)},
         "metrics": {"enabled": False},
-        "logging": {
-            "access": {"enabled": settings.access_log, "skip_paths": ["/metrics", "/health/live", "/health/ready"]}
-        },
+        "logging": {"access": {"enabled": False}},  # the router writes its own (RequestObserver)
     }

@@ -115,7 +115,9 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, API routes need `Authorization: Bearer <API_KEY>`.")
 
     # --- logging ---
-    access_log: bool = Field(True, description="BentoML's per-request access log lines (false saves CPU under load).")
+    access_log: bool = Field(
+        True, description="A log line per request (router.logs.AccessLog); probes and /metrics aside."
+    )
     trace_requests: bool = Field(
         False, description="OpenTelemetry spans for the API routes (BentoML's tracing exporter settings apply)."
     )

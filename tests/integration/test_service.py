@@ -265,6 +265,40 @@ def test_unknown_paths_do_not_grow_the_metrics(server: Server) -> None:
     assert series() == before
 
 
+ACCESS_LINE = re.compile(
+    r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO router\.access: 127\.0\.0\.1:\d+ "(\w+) (\S+)" (\d{3}) (\d+\.\d{3})ms$'
+)
+
+
+def test_each_request_gets_an_access_line_except_probes_and_scrapes(server: Server) -> None:
+    """The router's access log (BentoML's is off): client, request line as sent, status, server-side ms; BentoML's
+    own routes too; none for the health probes and /metrics, which are polled."""
+    tag = uuid.uuid4().hex
+    text = f"Summarize the access log test {tag}"
+    calls = [
+        ("POST", f"/v1/query-classify?t={tag}-miss", {"text": text}),
+        ("POST", f"/v1/query-classify?t={tag}-bad", {"txt": 1}),
+        ("POST", f"/classify?t={tag}-bentoml", {"text": text}),
+        ("GET", f"/no%0Asuch?t={tag}-unknown", None),
+    ]
+    sent = {path: httpx.request(method, f"{server.url}{path}", json=body) for method, path, body in calls}
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert httpx.get(f"{server.url}{path}?t={tag}-quiet").status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [m for line in server.log().splitlines() if tag in line and (m := ACCESS_LINE.match(line))]
+        if len(lines) >= len(sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    logged = {m[2]: (m[1], int(m[3]), float(m[4])) for m in lines}
+    assert set(logged) == set(sent)  # one line each (the %-encoded newline stays encoded), none for the quiet paths
+    for path, response in sent.items():
+        method, status, elapsed_ms = logged[path]
+        assert (method, status) == (response.request.method, response.status_code)
+        assert elapsed_ms >= float(response.headers["x-router-latency"])  # logged once the body is sent
+    assert [logged[p][1] for p in sent] == [200, 422, 200, 404]
+
+
 def test_bentoml_python_client(server: Server) -> None:
     with bentoml.SyncHTTPClient(server.url) as client:
         result = client.classify(text="Summarize the following article about rivers.")
@@ -370,6 +404,8 @@ def test_api_key_guards_the_api_but_not_health_or_metrics(server_factory: Callab
             f"{server.url}/v1/query-classify", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret"}
         )
         assert allowed.status_code == 200
+        assert server.classify("hi").status_code == 401  # a cached text too: the guard is outside the cache
+        assert server.metric("router_requests_total", route="/v1/query-classify", status="401") == 3  # and counted
         assert httpx.get(f"{server.url}/health/ready").status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200
         with bentoml.SyncHTTPClient(server.url, token="s3cret") as client:

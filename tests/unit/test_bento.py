@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,4 +235,13 @@ def test_served_bento_pulls_its_model_from_the_hub_at_start(served_bento: tuple[
     assert answer["label"] == "0" and answer["confidence"] == pytest.approx(0.9975, abs=1e-3)  # the tiny model's
     json_lines = [line for line in server.log().splitlines() if line.startswith("{")]
     assert any(json.loads(line).get("message", "").startswith("model ready") for line in json_lines)  # LOG_FORMAT
+    for _ in range(50):  # the access line is written at the end of the event loop's turn that sent the answer
+        access = [json.loads(line) for line in server.log().splitlines() if '"logger": "router.access"' in line]
+        if len(access) == 2:
+            break
+        time.sleep(0.1)
+    assert [(a["method"], a["path"], a["status"]) for a in access] == [
+        ("GET", "/health/deep", 200),  # the probes' /health/live and /health/ready have none
+        ("POST", "/v1/query-classify", 200),
+    ]
     assert "Service loaded from Bento directory" in server.log()
