@@ -95,7 +95,6 @@ def answer_from_cache(body: bytes) -> Response | None:
     return JSONResponse(result.model_dump(exclude_none=True))
 
 
-http.add_middleware(CacheHits, path="/v1/query-classify", max_bytes=settings.max_body_bytes, lookup=answer_from_cache)
 use_request_timeout()  # REQUEST_TIMEOUT_SEC without BentoML's timer per request (router.api.RequestTimeout)
 
 
@@ -409,3 +408,7 @@ QueryRouter.add_asgi_middleware(  # type: ignore[attr-defined]
 )
 if settings.api_key:  # the whole app, BentoML's routes included; health and metrics stay open
     QueryRouter.add_asgi_middleware(ApiKeyGuard, api_key=settings.api_key)  # type: ignore[attr-defined]
+# Inside the key check, before BentoML's request context and routing: a hit needs neither.
+QueryRouter.add_asgi_middleware(  # type: ignore[attr-defined]
+    CacheHits, path="/v1/query-classify", max_bytes=settings.max_body_bytes, lookup=answer_from_cache
+)
