@@ -1,5 +1,6 @@
 """BentoML's own ceiling: the same service setup (the router's `service_options`, FastAPI on BentoML, same request
-model) answering a constant. `python -m bench` measures it as the reference for the warm-cache path."""
+model) answering a constant. `python -m bench` measures it as the reference for the warm-cache path. It writes no
+access log: `service_options` turns BentoML's off, and the router's own (router.logs.AccessLog) is the router's."""
 
 from __future__ import annotations
 
