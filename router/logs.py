@@ -22,7 +22,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": iso_time(record.created),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -30,10 +30,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
 def configure_logging(settings: Settings) -> None:
@@ -71,32 +67,38 @@ class AccessLog:
         path = scope.get("raw_path", b"").decode("utf-8", "backslashreplace") or scope["path"]
         if scope.get("query_string"):
             path = f"{path}?{scope['query_string'].decode('utf-8', 'backslashreplace')}"
-        message = f'{address} "{scope["method"]} {path}" {status} {elapsed_ms:.3f}ms'
-        now = time.time()
+        method = scope["method"]
+        message = f'{address} "{method} {path}" {status} {elapsed_ms:.3f}ms'
+        seconds, milliseconds = self.clock()
         if self.json_lines:
             line = {
-                "time": iso_time(now),
+                "time": f"{seconds}.{milliseconds}+00:00",
                 "level": "INFO",
                 "logger": "router.access",
                 "message": message,
                 "client": address,
-                "method": scope["method"],
+                "method": method,
                 "path": path,
                 "status": status,
                 "latency_ms": round(elapsed_ms, 3),
             }
             self.pending.append(json.dumps(line, ensure_ascii=False) + "\n")
         else:
-            self.pending.append(f"{self.console_time(now)} INFO router.access: {message}\n")
+            self.pending.append(f"{seconds},{milliseconds} INFO router.access: {message}\n")
         if len(self.pending) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
 
-    def console_time(self, now: float) -> str:
-        """`logging.Formatter`'s asctime (local time, milliseconds after a comma); the seconds are kept a second."""
+    def clock(self) -> tuple[str, str]:
+        """The time now as this log format writes it: the second (kept for a second) and the milliseconds. Console
+        lines have `logging.Formatter`'s asctime (local time), JSON lines `JsonFormatter`'s ISO 8601 time (UTC)."""
+        now = time.time()
         if int(now) != self.second:
             self.second = int(now)
-            self.stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        return f"{self.stamp},{int(now * 1000) % 1000:03d}"
+            if self.json_lines:
+                self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            else:
+                self.stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        return self.stamp, f"{int(now * 1000) % 1000:03d}"
 
     def flush(self) -> None:
         data = "".join(self.pending).encode("utf-8", "replace")

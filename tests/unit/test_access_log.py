@@ -69,6 +69,7 @@ def test_a_json_line_has_each_field_and_the_path_as_sent() -> None:
     record = json.loads(line)
     assert set(record) == {"time", "level", "logger", "message", "client", "method", "path", "status", "latency_ms"}
     assert record["level"] == "INFO" and record["logger"] == "router.access"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", record["time"])  # as JsonFormatter writes it
     assert (record["client"], record["method"], record["status"], record["latency_ms"]) == (
         "10.0.0.7:51234",
         "POST",
