@@ -70,7 +70,7 @@ CALIBRATION_TEXT = (
 LOAD_WAIT_SEC = 10.0  # how long a request waits for a worker still loading (QueryRouter.wait_for_model)
 CLASSIFY_ROUTES = ("/v1/query-classify", "/v1/query-classify:batch")
 ROUTES = frozenset({*CLASSIFY_ROUTES, "/health/live", "/health/ready", "/health/deep", "/metrics"})
-OBSERVED_ROUTES = ROUTES | {"/classify", "/internal/predict"}  # the metrics' route label: these, else "other"
+OBSERVED_ROUTES = ROUTES | {"/classify", "/internal/predict"}  # route labels (else "other"); traced on request only
 QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})  # polled by probes and Prometheus: not logged
 
 http = FastAPI(title="Query Router", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
@@ -83,7 +83,7 @@ metrics = RouterMetrics()  # prometheus_client objects are process-wide; BentoML
 
 
 def answer_from_cache(body: bytes) -> Response | None:
-    """A /v1/query-classify body's answer when L1 has it (router.api.CacheHits), else None: FastAPI takes it."""
+    """A /v1/query-classify body's answer when L1 has it (router.api.CacheHits), else None: the app takes it."""
     try:
         request = ClassifyRequest.model_validate_json(body)
     except ValidationError:
