@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import psutil
 import redis
 
 from bench.queries import QueryGenerator
-from bench.server import Server, serve
+from bench.server import ROUTER_ENV, Server, serve
 from bench.targets import judge, machine, verdict_lines
 from router.config import Settings
 
@@ -189,16 +190,46 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    env = {"MODEL_BACKEND": args.backend, "TORCH_THREADS": "0", "ONNX_CACHE_DIR": str(work / "onnx-cache")}
-    if args.model_path:
-        env["MODEL_PATH"] = str(Path(args.model_path).resolve())
-    if args.redis_url:
-        env |= {"REDIS_URL": args.redis_url, "REDIS_KEY_PREFIX": f"qr-bench-{work.name}:"}
+    env = server_env(args, work, os.environ)
     try:
         run_scenarios(args, env, work)
     finally:
         if args.redis_url:
             delete_keys(args.redis_url, env["REDIS_KEY_PREFIX"])
+
+
+SECRET_SETTINGS = {"API_KEY", "REDIS_URL"}  # a Redis URL may carry a password
+
+
+def server_env(args: argparse.Namespace, work: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's router settings: the caller's (`MAX_LENGTH=96 python -m bench`), then the bench's own.
+
+    `serve` drops the shell's router settings, so that a test server never inherits them, while the model-alone
+    reference reads them through `Settings`: a `MAX_BATCH_SIZE=16` run measured its reference at 16 and the server
+    at 32. Redis comes only from `--redis-url`, under a prefix the bench deletes afterwards.
+    """
+    env = {name: value for name, value in environ.items() if name in ROUTER_ENV and name != "REDIS_URL"}
+    env |= {
+        "MODEL_BACKEND": args.backend,
+        "TORCH_THREADS": environ.get("TORCH_THREADS", "0"),
+        "ONNX_CACHE_DIR": str(work / "onnx-cache"),
+    }
+    if args.model_path:
+        env["MODEL_PATH"] = str(Path(args.model_path).resolve())
+    if args.redis_url:
+        env |= {"REDIS_URL": args.redis_url, "REDIS_KEY_PREFIX": f"qr-bench-{work.name}:"}
+    return env
+
+
+def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The router settings the caller's environment sets, for the report: a run at MAX_LENGTH=96 says so. Secrets
+    are shown as set, not by value: reports get shared."""
+    names = {name.upper() for name in Settings.model_fields}
+    return {
+        name: "(set)" if name.upper() in SECRET_SETTINGS else value
+        for name, value in sorted(environ.items())
+        if name.upper() in names
+    }
 
 
 def delete_keys(url: str, prefix: str) -> None:
@@ -222,6 +253,7 @@ def run_scenarios(args: argparse.Namespace, env: dict[str, str], work: Path) -> 
         "workers_x_passes": f"{settings.processes()} x {settings.parallelism()[0]}",
         **machine(),
         "seconds_per_scenario": args.seconds,
+        "settings_from_environment": settings_from_environment(os.environ),
     }
     start = time.perf_counter()
     with serve(env, work):  # the first start of a model exports its graph (ONNX backends) into the empty cache
